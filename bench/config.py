@@ -1,0 +1,140 @@
+"""Run configuration: defaults, a YAML file, then command-line flags, in that order of precedence.
+
+The YAML file uses the same keys as :class:`RunConfig` plus ``method_config``, a mapping
+from method name to that method's options (see ``bench methods --verbose``)::
+
+    methods: [ultraad, zeroshot]
+    shots: [4, 8, 16]
+    seeds: [0, 1, 2]
+    source: bus-uclm
+    targets: [busi, udiat]
+    backbone: ViT-L-14-336-quickgelu
+    pretrained: openai
+    method_config:
+      zeroshot: {logit_scale: 100}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.errors import ConfigError
+
+#: Side length of the square evaluation resolution: every map and mask is compared here.
+DEFAULT_EVAL_SIZE = 256
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a grid run. Field names are the YAML keys and the CLI flags."""
+
+    methods: list[str] = field(default_factory=lambda: ["all"])
+    shots: list[int] = field(default_factory=lambda: [4, 8, 16])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    source: str = "bus-uclm"
+    targets: list[str] = field(default_factory=lambda: ["udiat", "breast"])
+    backbone: str = "ViT-B-16-quickgelu"
+    pretrained: str = "openai"
+    input_size: int | None = None
+    layers: list[int] | None = None
+    eval_size: int = DEFAULT_EVAL_SIZE
+    data_root: str = field(default_factory=lambda: os.environ.get("BENCH_DATA_ROOT", "./data"))
+    out: str = "results"
+    name: str | None = None
+    device: str = "auto"
+    batch_size: int = 32
+    cache_dir: str | None = None
+    save_maps: bool = False
+    shard: str = "1/1"
+    method_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.methods:
+            raise ConfigError("no methods given; use --methods all or a comma-separated list")
+        if not self.targets:
+            raise ConfigError("no target datasets given; use --targets NAME[,NAME...]")
+        if any(k < 1 for k in self.shots):
+            raise ConfigError(f"shots must be positive integers, got {self.shots}")
+        if len(set(self.shots)) != len(self.shots) or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"shots {self.shots} and seeds {self.seeds} must not repeat values")
+        if self.eval_size < 8:
+            raise ConfigError(
+                f"eval_size {self.eval_size} is too small; the protocol default is {DEFAULT_EVAL_SIZE}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        shard_index(self.shard)
+        if not isinstance(self.method_config, dict) or not all(
+            isinstance(v, dict) for v in self.method_config.values()
+        ):
+            raise ConfigError("method_config must map method names to option mappings")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def slug(text: str) -> str:
+    """A file-system-safe name: letters, digits, dot, dash and underscore only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def shard_index(shard: str) -> tuple[int, int]:
+    """Parse ``I/N`` (1-based) into (I, N), with a clear error."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise ConfigError(f"--shard must look like I/N with 1 <= I <= N (e.g. 2/8), got {shard!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_list(value: str | list[Any] | None, kind: type = str) -> list[Any] | None:
+    """``"4,8,16"`` -> ``[4, 8, 16]``; lists pass through (converted); None stays None."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        return [kind(str(item).strip()) for item in items if str(item).strip()]
+    except ValueError as exc:
+        raise ConfigError(f"cannot read {value!r} as a list of {kind.__name__}: {exc}") from exc
+
+
+_LIST_FIELDS = {"methods": str, "shots": int, "seeds": int, "targets": str, "layers": int}
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Defaults, then the YAML file at ``path``, then every override that is not None."""
+    values: dict[str, Any] = {}
+    known = {f.name for f in fields(RunConfig)}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of options, got {type(loaded).__name__}")
+        unknown = set(loaded) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for name, kind in _LIST_FIELDS.items():
+        if name in values:
+            values[name] = parse_list(values[name], kind)
+    for name in ("source", "backbone", "pretrained", "data_root", "out", "device", "shard"):
+        if name in values and values[name] is not None:
+            values[name] = str(values[name])
+    try:
+        return RunConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc

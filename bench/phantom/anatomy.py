@@ -1,0 +1,643 @@
+"""The breast being imaged: tissue layers and one optional lesion, in millimetres, device-free.
+
+:func:`sample_anatomy` draws an :class:`Anatomy` from a random generator keyed on
+(seed, class, case number) only, so that every simulated device can image the very same
+breast. :func:`tissue_maps` evaluates it at arbitrary tissue coordinates: the scatterer
+echogenicity (dB relative to glandular tissue), the extra attenuation (dB/mm, one way)
+and the lesion region. :func:`lesion_region` is the single definition of "inside the
+lesion" used both for the echo map and for the ground-truth mask.
+
+Echogenicity levels (dB re. fibroglandular tissue, before any texture):
+skin entry echo +8, dermis +2, subcutaneous and retromammary fat about -11, glandular 0
+(with lobular texture), pectoral muscle about -7 with bright fibre striations, chest
+wall -9, rib surface +14 with an acoustic shadow behind. Lesion levels are listed in
+``docs/phantom.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import gaussian_filter, map_coordinates
+
+from bench.phantom.devices import COMMON_DEPTH_MM, COMMON_HALF_WIDTH_MM, DeviceProfile, tissue_to_physical
+from bench.types import Label
+
+__all__ = [
+    "LESION_FEATURES",
+    "Anatomy",
+    "Lesion",
+    "Tissue",
+    "TissueFields",
+    "lesion_region",
+    "sample_anatomy",
+    "tissue_fields",
+    "tissue_maps",
+    "uniform_anatomy",
+]
+
+#: Baseline soft-tissue attenuation, dB per mm per MHz (one way): 0.5 dB/cm/MHz.
+TISSUE_ATTENUATION_DB_MM_MHZ = 0.05
+
+# Extent of the tissue-texture grids (mm): covers the field of view of every device.
+_S_RANGE = (-40.0, 40.0)
+_D_RANGE = (-2.0, 64.0)
+
+# --------------------------------------------------------------------------- class feature distributions
+# Loosely calibrated on the BI-RADS descriptors of BrEaST-Lesions-USG (154 benign, 98
+# malignant), then pulled towards each other so that no single feature separates the
+# classes. Each entry: value -> probability. docs/phantom.md prints this table.
+LESION_FEATURES: dict[str, dict[Label, dict[str, float]]] = {
+    "shape": {
+        Label.BENIGN: {"oval": 0.58, "round": 0.14, "irregular": 0.28},
+        Label.MALIGNANT: {"oval": 0.15, "round": 0.05, "irregular": 0.80},
+    },
+    "orientation": {  # probability of "not parallel" (taller than wide)
+        Label.BENIGN: {"parallel": 0.9, "not parallel": 0.1},
+        Label.MALIGNANT: {"parallel": 0.55, "not parallel": 0.45},
+    },
+    # Margin descriptors are independent flags; "circumscribed" when none is drawn.
+    "margin": {
+        Label.BENIGN: {"indistinct": 0.2, "angular": 0.06, "microlobulated": 0.06, "spiculated": 0.04},
+        Label.MALIGNANT: {"indistinct": 0.55, "angular": 0.4, "microlobulated": 0.2, "spiculated": 0.3},
+    },
+    "echo": {
+        Label.BENIGN: {
+            "anechoic": 0.12,
+            "hypoechoic": 0.46,
+            "heterogeneous": 0.2,
+            "complex cystic/solid": 0.06,
+            "isoechoic": 0.1,
+            "hyperechoic": 0.06,
+        },
+        Label.MALIGNANT: {
+            "hypoechoic": 0.7,
+            "heterogeneous": 0.22,
+            "complex cystic/solid": 0.04,
+            "isoechoic": 0.04,
+        },
+    },
+    "posterior": {
+        Label.BENIGN: {"none": 0.62, "enhancement": 0.24, "shadowing": 0.12, "combined": 0.02},
+        Label.MALIGNANT: {"none": 0.5, "enhancement": 0.1, "shadowing": 0.35, "combined": 0.05},
+    },
+    "halo": {
+        Label.BENIGN: {"no": 0.97, "yes": 0.03},
+        Label.MALIGNANT: {"no": 0.75, "yes": 0.25},
+    },
+    "calcifications": {
+        Label.BENIGN: {"no": 0.94, "yes": 0.06},
+        Label.MALIGNANT: {"no": 0.7, "yes": 0.3},
+    },
+}
+
+# Median long axis (mm) and lognormal spread per class.
+_SIZE = {Label.BENIGN: (11.0, 0.35), Label.MALIGNANT: (14.0, 0.3)}
+
+# Mean echo level (dB re. gland) ranges and internal texture (dB) per echo pattern.
+_ECHO_DB = {
+    "anechoic": ((-32.0, -27.0), (0.0, 0.5)),
+    "hypoechoic": ((-22.0, -11.0), (1.0, 3.0)),
+    "heterogeneous": ((-18.0, -10.0), (4.0, 7.0)),
+    "complex cystic/solid": ((-30.0, -26.0), (0.0, 0.0)),
+    "isoechoic": ((-5.0, -2.0), (1.5, 3.0)),
+    "hyperechoic": ((2.0, 5.0), (1.5, 3.0)),
+}
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One mass, in tissue millimetres, with its BI-RADS-like descriptors.
+
+    The lesion occupies the points whose normalised radius
+    ``sqrt((u/a)^2 + (w/b)^2) / R(phi)`` is below 1, where ``(u, w)`` are coordinates
+    along and across the skin (rotated by ``tilt``) relative to the centre, ``a`` =
+    ``half_width``, ``b`` = ``half_height``, ``phi`` the angle in the normalised frame and
+    ``R(phi) = 1 + sum harmonics + sum spikes`` (spikes: triangular bumps in angle, wide
+    for angular margins, narrow for spiculations).
+    """
+
+    centre_s: float
+    centre_d: float
+    half_width: float
+    half_height: float
+    tilt: float
+    shape: str
+    orientation: str
+    margins: tuple[str, ...]
+    echo_pattern: str
+    echo_db: float
+    texture_db: float
+    margin_ramp: float  # indistinct margin: fraction of the radius over which echoes blend in
+    posterior: str
+    posterior_db: float  # > 0 enhancement, < 0 shadowing (dB, behind the full lesion height)
+    halo_db: float
+    halo_width: float  # fraction of the radius, outside the lesion
+    edge_shadow_db: float  # refraction shadows behind the lateral edges (<= 0)
+    harmonics: tuple[tuple[int, float, float], ...] = ()
+    spikes: tuple[tuple[float, float, float], ...] = ()  # (angle, height, half-width) in radians
+    calcifications: tuple[tuple[float, float, float], ...] = ()  # (u mm, w mm, amplitude dB)
+
+    def radius(self, phi: np.ndarray) -> np.ndarray:
+        """``R(phi)``, the boundary radius in the normalised frame."""
+        out = np.ones_like(phi)
+        for k, amp, phase in self.harmonics:
+            out += amp * np.cos(k * phi + phase)
+        for angle, height, width in self.spikes:
+            delta = np.abs(np.angle(np.exp(1j * (phi - angle))))
+            out += height * np.clip(1.0 - delta / width, 0.0, None)
+        return np.maximum(out, 0.3)
+
+    @property
+    def max_radius(self) -> float:
+        """An upper bound on ``R(phi)``."""
+        return 1.0 + sum(abs(a) for _, a, _ in self.harmonics) + max((h for _, h, _ in self.spikes), default=0.0)
+
+    @property
+    def extent_mm(self) -> float:
+        """An upper bound of the distance from the centre to any lesion point (mm), halo included."""
+        return max(self.half_width, self.half_height) * self.max_radius * (1.0 + self.halo_width)
+
+    def descriptors(self) -> dict[str, Any]:
+        return {
+            "shape": self.shape,
+            "orientation": self.orientation,
+            "margin": "circumscribed" if not self.margins else "&".join(self.margins),
+            "echo_pattern": self.echo_pattern,
+            "posterior_features": self.posterior,
+            "halo": self.halo_db > 0,
+            "calcifications": len(self.calcifications),
+        }
+
+
+@dataclass(frozen=True)
+class Tissue:
+    """The layers and structures of the breast (mm, tissue coordinates ``s`` along and ``d`` below the skin)."""
+
+    skin_mm: float
+    fat_base: float
+    fat_waves: tuple[tuple[float, float, float], ...]  # (amplitude, wavelength, phase)
+    gland_base: float
+    gland_waves: tuple[tuple[float, float, float], ...]
+    retro_mm: float
+    muscle_mm: float
+    fibre_angle: float
+    fibre_period: float
+    fat_db: float
+    gland_db: float
+    muscle_db: float
+    gland_texture_db: float
+    lobules: tuple[tuple[float, float, float, float, float, float], ...] = ()  # s, d, a, b, tilt, dB
+    ducts: tuple[tuple[float, float, float, float, float], ...] = ()  # s, d, half-length, half-thickness, tilt
+    ribs: tuple[tuple[float, float, float, float], ...] = ()  # s, d (centre), half-width, half-height
+    ligament_shadows: tuple[tuple[float, float, float], ...] = ()  # s, width, dB
+    texture_seed: int = 0
+    uniform: bool = False
+
+    def fat_bottom(self, s: np.ndarray) -> np.ndarray:
+        return _waves(self.fat_base, self.fat_waves, s)
+
+    def gland_bottom(self, s: np.ndarray) -> np.ndarray:
+        return np.maximum(_waves(self.gland_base, self.gland_waves, s), self.fat_bottom(s) + 2.0)
+
+
+def _waves(base: float, waves: tuple[tuple[float, float, float], ...], s: np.ndarray) -> np.ndarray:
+    out = np.full(np.shape(s), base, dtype=np.float64)
+    for amp, wavelength, phase in waves:
+        out += amp * np.sin(2 * math.pi * np.asarray(s) / wavelength + phase)
+    return out
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """One breast: tissue, an optional lesion, and the class it was drawn for."""
+
+    label: Label
+    tissue: Tissue
+    lesion: Lesion | None
+    seed: int
+    case: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly description (floats rounded to 0.01)."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, float):
+                return round(value, 2)
+            if isinstance(value, (list, tuple)):
+                return [clean(v) for v in value]
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, Label):
+                return value.value
+            return value
+
+        data = {
+            "label": self.label.value,
+            "seed": self.seed,
+            "case": self.case,
+            "tissue": clean(asdict(self.tissue)),
+            "lesion": clean(asdict(self.lesion)) if self.lesion else None,
+        }
+        if self.lesion:
+            data["descriptors"] = self.lesion.descriptors()
+        return data
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _choice(rng: np.random.Generator, table: dict[str, float]) -> str:
+    keys = list(table)
+    p = np.array([table[k] for k in keys], dtype=np.float64)
+    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
+
+
+def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(rng.uniform(lo, hi))
+
+
+def _sample_tissue(rng: np.random.Generator) -> Tissue:
+    # BI-RADS composition drives the fat/gland balance and how many fat lobules sit in the gland.
+    composition = _choice(rng, {"fatty": 0.15, "scattered": 0.4, "heterogeneous": 0.3, "dense": 0.15})
+    fat_base = {"fatty": (9, 15), "scattered": (6, 11), "heterogeneous": (4, 8), "dense": (3, 6)}[composition]
+    n_lobules = {"fatty": (3, 8), "scattered": (2, 6), "heterogeneous": (1, 5), "dense": (0, 3)}[composition]
+    skin = _u(rng, 1.4, 2.4)
+    fat = _u(rng, *fat_base)
+    fat_waves = tuple(
+        (_u(rng, 0.4, 1.6) * scale, _u(rng, *wl), _u(rng, 0, 2 * math.pi))
+        for scale, wl in ((1.0, (25, 60)), (0.8, (8, 18)), (0.5, (4, 8)))
+    )
+    gland = fat + _u(rng, 9, 20)
+    gland_waves = tuple(
+        (_u(rng, 0.5, 2.5) * scale, _u(rng, *wl), _u(rng, 0, 2 * math.pi))
+        for scale, wl in ((1.0, (30, 70)), (0.6, (10, 20)))
+    )
+    gland = min(gland, 31.0)
+    retro = _u(rng, 0.8, 3.0)
+    muscle = _u(rng, 4.0, 9.0)
+    lobules = []
+    for _ in range(int(rng.integers(n_lobules[0], n_lobules[1] + 1))):
+        s = _u(rng, -26, 26)
+        d = _u(rng, fat + 1.0, gland - 1.0)
+        a = _u(rng, 1.5, 5.0)
+        lobules.append((s, d, a, a * _u(rng, 0.35, 0.75), _u(rng, -0.3, 0.3), _u(rng, -14.0, -9.0)))
+    ducts = []
+    if rng.random() < 0.3:
+        for _ in range(int(rng.integers(1, 3))):
+            ducts.append(
+                (_u(rng, -22, 22), _u(rng, fat + 2.0, gland - 1.0), _u(rng, 3, 9), _u(rng, 0.4, 1.1), _u(rng, -0.35, 0.35))
+            )
+    ribs = []
+    rib_depth = gland + retro + muscle + _u(rng, 2.5, 6.0)
+    spacing = _u(rng, 20, 28)
+    offset = _u(rng, -spacing / 2, spacing / 2)
+    for k in range(-3, 4):
+        s = offset + k * spacing
+        if abs(s) < 40:
+            half_h = _u(rng, 3.5, 5.5)
+            ribs.append((s, rib_depth + half_h, _u(rng, 5.5, 8.5), half_h))
+    shadows = []
+    for _ in range(int(rng.integers(0, 4))):
+        shadows.append((_u(rng, -24, 24), _u(rng, 0.3, 0.9), _u(rng, -14, -5)))
+    return Tissue(
+        skin_mm=skin,
+        fat_base=fat,
+        fat_waves=fat_waves,
+        gland_base=gland,
+        gland_waves=gland_waves,
+        retro_mm=retro,
+        muscle_mm=muscle,
+        fibre_angle=_u(rng, -0.35, 0.35),
+        fibre_period=_u(rng, 0.9, 1.8),
+        fat_db=_u(rng, -12.5, -9.0),
+        gland_db=_u(rng, -1.5, 1.5),
+        muscle_db=_u(rng, -9.0, -5.0),
+        gland_texture_db=_u(rng, 2.5, 4.5),
+        lobules=tuple(lobules),
+        ducts=tuple(ducts),
+        ribs=tuple(ribs),
+        ligament_shadows=tuple(shadows),
+        texture_seed=int(rng.integers(0, 2**62)),
+    )
+
+
+def _sample_lesion(rng: np.random.Generator, label: Label, tissue: Tissue) -> Lesion:
+    f = LESION_FEATURES
+    shape = _choice(rng, f["shape"][label])
+    orientation = _choice(rng, f["orientation"][label])
+    margins = tuple(m for m, p in f["margin"][label].items() if rng.random() < p)
+    echo = _choice(rng, f["echo"][label])
+    posterior = _choice(rng, f["posterior"][label])
+    if echo == "anechoic" and rng.random() < 0.8:
+        posterior = "enhancement"  # cysts transmit sound well
+    halo = _choice(rng, f["halo"][label]) == "yes"
+    calcs = _choice(rng, f["calcifications"][label]) == "yes"
+
+    median, spread = _SIZE[label]
+    long_axis = float(np.clip(median * math.exp(spread * rng.standard_normal()), 5.0, 26.0))
+    if shape == "round":
+        aspect = _u(rng, 1.0, 1.15)
+    elif shape == "oval":
+        aspect = _u(rng, 1.35, 2.1)
+    else:
+        aspect = _u(rng, 1.1, 1.8)
+    if orientation == "not parallel":
+        aspect = 1.0 / _u(rng, 1.08, 1.5) if shape != "round" else 1.0 / aspect
+    long_half = long_axis / 2
+    a, b = (long_half, long_half / aspect) if aspect >= 1 else (long_half * aspect, long_half)
+    tilt = _u(rng, -0.25, 0.25) if orientation == "parallel" else _u(rng, -0.35, 0.35)
+
+    harmonics: list[tuple[int, float, float]] = []
+    spikes: list[tuple[float, float, float]] = []
+    if shape == "irregular":
+        for k in (2, 3, 4, 5):
+            harmonics.append((k, _u(rng, 0.04, 0.16) / (1 + 0.3 * (k - 2)), _u(rng, 0, 2 * math.pi)))
+    else:
+        harmonics.append((2, _u(rng, 0.0, 0.04), _u(rng, 0, 2 * math.pi)))
+    if "microlobulated" in margins:
+        for _ in range(2):
+            harmonics.append((int(rng.integers(7, 14)), _u(rng, 0.03, 0.06), _u(rng, 0, 2 * math.pi)))
+    if "angular" in margins:
+        for _ in range(int(rng.integers(3, 6))):
+            spikes.append((_u(rng, -math.pi, math.pi), _u(rng, 0.12, 0.3), _u(rng, 0.45, 0.9)))
+    if "spiculated" in margins:
+        for _ in range(int(rng.integers(5, 13))):
+            spikes.append((_u(rng, -math.pi, math.pi), _u(rng, 0.3, 0.85), _u(rng, 0.06, 0.13)))
+    ramp = _u(rng, 0.15, 0.35) if "indistinct" in margins else 0.0
+
+    (lo, hi), (tlo, thi) = _ECHO_DB[echo]
+    echo_db = _u(rng, lo, hi)
+    texture_db = _u(rng, tlo, thi)
+    if posterior == "enhancement":
+        posterior_db = _u(rng, 4.0, 10.0)
+    elif posterior == "shadowing":
+        posterior_db = -_u(rng, 8.0, 22.0)
+    elif posterior == "combined":
+        posterior_db = -_u(rng, 6.0, 14.0)
+    else:
+        posterior_db = 0.0
+    halo_db, halo_width = (_u(rng, 4.0, 8.0), _u(rng, 0.1, 0.22)) if halo else (0.0, 0.0)
+    circumscribed_smooth = not margins and shape != "irregular"
+    edge_shadow = -_u(rng, 6.0, 14.0) if (circumscribed_smooth and rng.random() < 0.4) else 0.0
+
+    lesion = Lesion(
+        centre_s=0.0,
+        centre_d=0.0,
+        half_width=a,
+        half_height=b,
+        tilt=tilt,
+        shape=shape,
+        orientation=orientation,
+        margins=margins,
+        echo_pattern=echo,
+        echo_db=echo_db,
+        texture_db=texture_db,
+        margin_ramp=ramp,
+        posterior=posterior,
+        posterior_db=posterior_db,
+        halo_db=halo_db,
+        halo_width=halo_width,
+        edge_shadow_db=edge_shadow,
+        harmonics=tuple(harmonics),
+        spikes=tuple(spikes),
+    )
+    # Keep the whole lesion (halo included) inside the field of view every device shares.
+    extent = lesion.extent_mm
+    limit = min(COMMON_HALF_WIDTH_MM - 1.0, (COMMON_DEPTH_MM - 5.0) / 2)
+    if extent > limit:
+        scale = limit / extent
+        lesion = replace(lesion, half_width=a * scale, half_height=b * scale)
+        extent = lesion.extent_mm
+    s_lim = COMMON_HALF_WIDTH_MM - 1.0 - extent
+    centre_s = _u(rng, -s_lim, s_lim) * 0.8
+    d_lo = max(tissue.skin_mm + 1.0 + extent, tissue.fat_base - 1.0)
+    d_hi = max(d_lo, min(COMMON_DEPTH_MM - 4.0 - extent, tissue.gland_base + 1.0))
+    centre_d = _u(rng, d_lo, d_hi) if d_hi > d_lo else d_lo
+    calcifications: list[tuple[float, float, float]] = []
+    if calcs:
+        n = int(rng.integers(3, 13))
+        cu, cw = _u(rng, -0.3, 0.3), _u(rng, -0.3, 0.3)
+        for _ in range(n):
+            # Clustered, well inside the lesion (normalised radius < 0.7).
+            pu = float(np.clip(cu + 0.2 * rng.standard_normal(), -0.5, 0.5))
+            pw = float(np.clip(cw + 0.2 * rng.standard_normal(), -0.5, 0.5))
+            scale = min(1.0, 0.7 / max(math.hypot(pu, pw), 1e-6))
+            calcifications.append((pu * scale * lesion.half_width, pw * scale * lesion.half_height, _u(rng, 20, 28)))
+    return replace(lesion, centre_s=centre_s, centre_d=centre_d, calcifications=tuple(calcifications))
+
+
+def sample_anatomy(label: Label | str, seed: int = 0, case: int = 0) -> Anatomy:
+    """The breast of case ``case`` of class ``label`` for ``seed`` (device-independent, deterministic)."""
+    label = Label(label)
+    class_code = {Label.NORMAL: 0, Label.BENIGN: 1, Label.MALIGNANT: 2}[label]
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), class_code, int(case), 0xA7A]))
+    tissue = _sample_tissue(rng)
+    lesion = None if label is Label.NORMAL else _sample_lesion(rng, label, tissue)
+    return Anatomy(label=label, tissue=tissue, lesion=lesion, seed=int(seed), case=int(case))
+
+
+def uniform_anatomy() -> Anatomy:
+    """A homogeneous calibration phantom: one tissue at 0 dB everywhere, no lesion, no structures."""
+    tissue = Tissue(
+        skin_mm=0.0,
+        fat_base=0.0,
+        fat_waves=(),
+        gland_base=1e9,
+        gland_waves=(),
+        retro_mm=0.0,
+        muscle_mm=0.0,
+        fibre_angle=0.0,
+        fibre_period=1.0,
+        fat_db=0.0,
+        gland_db=0.0,
+        muscle_db=0.0,
+        gland_texture_db=0.0,
+        uniform=True,
+    )
+    return Anatomy(label=Label.NORMAL, tissue=tissue, lesion=None, seed=0, case=0)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True, eq=False)
+class TissueFields:
+    """Smooth unit-variance random fields on fixed millimetre grids (device-independent textures)."""
+
+    fine: tuple[np.ndarray, float]  # lobular texture, sigma 0.7 mm
+    coarse: tuple[np.ndarray, float]  # slow echogenicity changes, lesion heterogeneity, sigma 2.5 mm
+    strands: tuple[np.ndarray, float]  # isolines give Cooper's ligaments, sigma 1.4 mm
+    wobble: tuple[np.ndarray, float]  # muscle fibre phase, sigma 4 mm
+
+    def sample(self, name: str, s: np.ndarray, d: np.ndarray) -> np.ndarray:
+        grid, step = getattr(self, name)
+        coords = np.stack([(np.asarray(d) - _D_RANGE[0]) / step, (np.asarray(s) - _S_RANGE[0]) / step])
+        return map_coordinates(grid, coords.reshape(2, -1), order=1, mode="nearest").reshape(np.shape(s))
+
+
+def _smooth_field(rng: np.random.Generator, sigma_mm: float) -> tuple[np.ndarray, float]:
+    step = sigma_mm / 2.5
+    n_d = int(math.ceil((_D_RANGE[1] - _D_RANGE[0]) / step)) + 1
+    n_s = int(math.ceil((_S_RANGE[1] - _S_RANGE[0]) / step)) + 1
+    noise = rng.standard_normal((n_d, n_s))
+    smooth = gaussian_filter(noise, 2.5, mode="wrap")
+    smooth /= smooth.std()
+    return smooth.astype(np.float32), step
+
+
+def tissue_fields(anatomy: Anatomy) -> TissueFields:
+    """The texture fields of ``anatomy`` (deterministic from its texture seed)."""
+    rng = np.random.default_rng(np.random.SeedSequence([anatomy.tissue.texture_seed, 0x7E7]))
+    return TissueFields(
+        fine=_smooth_field(rng, 0.7),
+        coarse=_smooth_field(rng, 2.5),
+        strands=_smooth_field(rng, 1.4),
+        wobble=_smooth_field(rng, 4.0),
+    )
+
+
+def lesion_region(
+    lesion: Lesion, device: DeviceProfile, x: np.ndarray, z: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised radius ``rho`` (< 1 inside the lesion) and local (u, w) at physical points (x, z).
+
+    Returns ``(rho, u, w, near)`` where ``near`` is the boolean mask of points that were
+    evaluated (within the lesion's bounding circle); ``rho`` is ``inf`` elsewhere.
+    """
+    cx, cz = tissue_to_physical(device, lesion.centre_s, lesion.centre_d)
+    theta_c = lesion.centre_s / device.radius_mm if device.geometry == "convex" else 0.0
+    angle = theta_c + lesion.tilt
+    tx, tz = math.cos(angle), -math.sin(angle)  # along the skin
+    nx, nz = math.sin(angle), math.cos(angle)  # into the body
+    dx = np.asarray(x) - float(cx)
+    dz = np.asarray(z) - float(cz)
+    reach = lesion.extent_mm + 0.5
+    near = (np.abs(dx) <= reach) & (np.abs(dz) <= reach)
+    rho = np.full(np.shape(dx), np.inf)
+    u = np.zeros(np.shape(dx))
+    w = np.zeros(np.shape(dx))
+    if near.any():
+        ddx, ddz = dx[near], dz[near]
+        uu = ddx * tx + ddz * tz
+        ww = ddx * nx + ddz * nz
+        un, wn = uu / lesion.half_width, ww / lesion.half_height
+        phi = np.arctan2(wn, un)
+        rho[near] = np.hypot(un, wn) / lesion.radius(phi)
+        u[near], w[near] = uu, ww
+    return rho, u, w, near
+
+
+def lesion_point(lesion: Lesion, device: DeviceProfile, u: float, w: float) -> tuple[float, float]:
+    """Physical (x, z) of the point at local lesion coordinates (u along the skin, w into the body)."""
+    cx, cz = tissue_to_physical(device, lesion.centre_s, lesion.centre_d)
+    theta_c = lesion.centre_s / device.radius_mm if device.geometry == "convex" else 0.0
+    angle = theta_c + lesion.tilt
+    x = float(cx) + u * math.cos(angle) + w * math.sin(angle)
+    z = float(cz) - u * math.sin(angle) + w * math.cos(angle)
+    return x, z
+
+
+def _ellipse(s, d, cs, cd, a, b, tilt) -> np.ndarray:
+    ds, dd = s - cs, d - cd
+    c, sn = math.cos(tilt), math.sin(tilt)
+    return ((ds * c - dd * sn) / a) ** 2 + ((ds * sn + dd * c) / b) ** 2
+
+
+def tissue_maps(
+    anatomy: Anatomy,
+    device: DeviceProfile,
+    s: np.ndarray,
+    d: np.ndarray,
+    x: np.ndarray,
+    z: np.ndarray,
+    fields: TissueFields | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Echogenicity (dB), extra attenuation (dB/mm, one way) and lesion region at the given points.
+
+    ``s, d`` are tissue coordinates and ``x, z`` the matching physical coordinates (mm) for
+    ``device`` (see :mod:`bench.phantom.devices`). The baseline tissue attenuation is not
+    included (the acquisition adds it and the scanner's TGC compensates it).
+    """
+    t = anatomy.tissue
+    shape = np.shape(s)
+    alpha = np.zeros(shape)
+    if t.uniform:
+        return np.zeros(shape), alpha, np.zeros(shape, dtype=bool)
+    fields = fields or tissue_fields(anatomy)
+    fine = fields.sample("fine", s, d)
+    coarse = fields.sample("coarse", s, d)
+    strands = fields.sample("strands", s, d)
+    fat_b = t.fat_bottom(s)
+    gland_b = t.gland_bottom(s)
+    muscle_t = gland_b + t.retro_mm
+    muscle_b = muscle_t + t.muscle_mm
+
+    # Deep to shallow; each layer overwrites what lies above it.
+    echo = -9.0 + 2.0 * coarse + 1.5 * fine  # chest wall / intercostal tissue
+    in_muscle = (d >= muscle_t) & (d < muscle_b)
+    if in_muscle.any():
+        wobble = fields.sample("wobble", s, d)
+        ca, sa = math.cos(t.fibre_angle), math.sin(t.fibre_angle)
+        across = -s * sa + d * ca
+        fibres = np.cos(2 * math.pi * across / t.fibre_period + 2.5 * wobble)
+        muscle = t.muscle_db + 1.0 * fine + 7.0 * np.clip(fibres - 0.55, 0.0, None)
+        echo = np.where(in_muscle, muscle, echo)
+    fat_texture = t.fat_db + 1.5 * fine + 1.0 * coarse
+    echo = np.where((d >= gland_b) & (d < muscle_t), fat_texture, echo)
+    gland = t.gland_db + t.gland_texture_db * fine + 1.5 * coarse
+    gland = gland + 3.0 * (np.abs(strands - 0.9) < 0.12)
+    in_gland = (d >= fat_b) & (d < gland_b)
+    echo = np.where(in_gland, gland, echo)
+    # Subcutaneous fat crossed by thin bright Cooper's ligaments (isolines of a smooth field).
+    ligaments = np.abs(strands) < 0.07
+    fat = np.where(ligaments, t.gland_db + 2.0, fat_texture)
+    echo = np.where((d >= t.skin_mm) & (d < fat_b), fat, echo)
+    echo = np.where((d >= 0) & (d < t.skin_mm), 2.0 + 1.0 * fine, echo)
+    echo = np.where((d >= 0) & (d < 0.35), 8.0, echo)  # skin entry echo
+    echo = np.where(np.abs(d - muscle_t) < 0.3, 5.0, echo)  # pectoral fascia
+    for cs, cd, a, b, tilt, level in t.lobules:
+        inside = _ellipse(s, d, cs, cd, a, b, tilt) < 1.0
+        echo = np.where(inside & in_gland, level + 1.5 * fine, echo)
+    for cs, cd, half_len, half_thick, tilt in t.ducts:
+        inside = _ellipse(s, d, cs, cd, half_len, half_thick, tilt) < 1.0
+        echo = np.where(inside & in_gland, -26.0, echo)
+    for cs, cd, a, b in t.ribs:
+        q = _ellipse(s, d, cs, cd, a, b, 0.0)
+        bone = q < 1.0
+        surface = bone & (q > 0.72) & (d < cd)
+        echo = np.where(bone, np.where(surface, 14.0, -20.0), echo)
+        alpha = np.where(bone & ~surface, 9.0, alpha)
+    for cs, width, level in t.ligament_shadows:
+        fb = float(t.fat_bottom(np.array(cs)))
+        spot = (np.abs(s - cs) < width / 2) & (np.abs(d - fb) < 1.0)
+        alpha = np.where(spot, -level / 4.0, alpha)
+
+    lesion_mask = np.zeros(shape, dtype=bool)
+    lesion = anatomy.lesion
+    if lesion is not None:
+        rho, u, w, near = lesion_region(lesion, device, x, z)
+        lesion_mask = rho < 1.0
+        inner = lesion.echo_db + lesion.texture_db * coarse
+        if lesion.echo_pattern == "complex cystic/solid":
+            inner = np.where(coarse > 0.2, -9.0 + 2.0 * fine, lesion.echo_db)
+        if lesion.margin_ramp > 0:
+            blend = 0.6 * np.clip((rho - (1.0 - lesion.margin_ramp)) / lesion.margin_ramp, 0.0, 1.0)
+            inner = inner + blend * (echo - 3.0 - inner)
+        if lesion.halo_db > 0:
+            halo = (rho >= 1.0) & (rho < 1.0 + lesion.halo_width)
+            echo = np.where(halo, echo + lesion.halo_db, echo)
+        echo = np.where(lesion_mask, inner, echo)
+        height = 2.0 * lesion.half_height
+        if lesion.posterior_db != 0:
+            extra = -lesion.posterior_db / (2.0 * height)
+            if lesion.posterior == "combined":
+                extra = np.where(u < 0, extra, -0.6 * extra)
+            alpha = np.where(lesion_mask, alpha + extra, alpha)
+        if lesion.edge_shadow_db < 0:
+            edge = near & (rho >= 0.92) & (rho < 1.1) & (np.abs(w) < 0.35 * lesion.half_height)
+            alpha = np.where(edge, alpha - lesion.edge_shadow_db / (2.0 * 0.7 * lesion.half_height), alpha)
+    return echo, alpha, lesion_mask

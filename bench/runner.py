@@ -1,0 +1,578 @@
+"""The grid runner: methods x shots x seeds x targets, support drawn from the source.
+
+A *fit unit* is (method, shots, seed): the method is fitted once on that support set and
+then predicts every target. A *cell* is a fit unit on one target; it is what the result
+store keeps (see :mod:`bench.results`). Methods that ignore the support set have a single
+fit unit (shots 0, seed 0).
+
+Resuming: a cell whose ``cell.json`` exists is finished and skipped; a fit unit whose
+cells are all finished is not even fitted. Sharding (``--shard I/N``) assigns whole fit
+units round-robin in a fixed order, so N machines writing into one results folder never
+fit the same unit twice and together cover the grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from bench.backbone import Backbone, BackboneSpec, load_backbone, resolve_device
+from bench.config import RunConfig, shard_index, slug
+from bench.data import Dataset, eval_mask, image_item, resolve_dataset, sample_support
+from bench.errors import MethodError, ResultsError
+from bench.method import Method, MethodContext, Prediction, SupportSet
+from bench.metrics import PixelMetricAccumulator, image_metrics
+from bench.registry import get_method, resolve_method_names
+from bench.results import (
+    CELL_FILE,
+    BackboneIdentity,
+    CellRecord,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
+from bench.types import CLASSES, ImageItem, Task, label_index
+
+#: Probabilities must sum to one within this tolerance.
+PROB_SUM_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class FitUnit:
+    """One fit of one method: (method, shots, seed). Zero-shot methods use (0, 0)."""
+
+    method: str
+    shots: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fit unit evaluated on one target dataset."""
+
+    unit: FitUnit
+    target: str
+
+    def directory(self, run_dir: Path) -> Path:
+        return (
+            run_dir
+            / slug(self.unit.method)
+            / slug(self.target)
+            / f"shots{self.unit.shots}_seed{self.unit.seed}"
+        )
+
+    def __str__(self) -> str:
+        u = self.unit
+        return f"{u.method} / {self.target} / {u.shots}-shot / seed {u.seed}"
+
+
+@dataclass
+class TestSet:
+    """A target dataset prepared for evaluation: items, labels and (lazily) evaluation masks."""
+
+    name: str
+    dataset: Dataset
+    items: list[ImageItem]
+    labels: np.ndarray
+    eval_size: int
+    _masks: list[np.ndarray | None] | None = field(default=None, init=False, repr=False)
+    _excluded: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def masks(self) -> list[np.ndarray | None]:
+        """Binary masks at the evaluation size; None for images kept out of pixel metrics."""
+        if self._masks is None:
+            masks: list[np.ndarray | None] = []
+            for sample in self.dataset.samples:
+                result = eval_mask(sample, self.eval_size)
+                masks.append(result.mask)
+                if result.mask is None:
+                    self._excluded[sample.id] = result.reason or "no usable mask"
+            self._masks = masks
+        return self._masks
+
+    @property
+    def excluded(self) -> dict[str, str]:
+        """Image id -> why it is kept out of pixel metrics."""
+        _ = self.masks
+        return self._excluded
+
+    @property
+    def n_pixel_images(self) -> int:
+        return sum(m is not None for m in self.masks)
+
+
+@dataclass
+class RunSummary:
+    """What a run did: cells computed and skipped, cache use, where results went."""
+
+    run_dir: Path
+    cells_done: list[Cell] = field(default_factory=list)
+    cells_skipped: list[Cell] = field(default_factory=list)
+    images_encoded: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    backbone: BackboneIdentity | None = None
+
+
+def plan_grid(config: RunConfig) -> list[FitUnit]:
+    """All fit units of the grid in a fixed order (method, shots, seed)."""
+    units: list[FitUnit] = []
+    for name in resolve_method_names(config.methods):
+        cls = get_method(name)
+        if cls.uses_support:
+            units.extend(FitUnit(name, k, s) for k in config.shots for s in config.seeds)
+        else:
+            units.append(FitUnit(name, 0, 0))
+    return units
+
+
+def shard_units(units: Sequence[FitUnit], shard: str) -> list[FitUnit]:
+    """The fit units of shard ``I/N``: every N-th unit starting at I-1 (deterministic)."""
+    index, count = shard_index(shard)
+    return [u for i, u in enumerate(units) if i % count == index - 1]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a method may draw from, so a fit is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _ProgressBridge:
+    """Gives methods a nested progress bar (``ctx.track``) under the grid bar."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+
+    def track(self, iterable: Iterable[Any], description: str, total: int | None) -> Iterator[Any]:
+        if self.progress is None:
+            yield from iterable
+            return
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        task = self.progress.add_task(f"  {description}", total=total)
+        try:
+            for item in iterable:
+                yield item
+                self.progress.advance(task)
+        finally:
+            self.progress.remove_task(task)
+
+
+class Runner:
+    """Runs one grid described by a :class:`RunConfig`, writing cells under ``config.run_dir``."""
+
+    def __init__(self, config: RunConfig, console: Console | None = None, show_progress: bool = True) -> None:
+        self.config = config
+        self.console = console or Console(stderr=True)
+        self.show_progress = show_progress
+        self.device = resolve_device(config.device)
+        self._backbone: Backbone | None = None
+        self._support_cache: dict[tuple[int, int], tuple[SupportSet, dict[str, list[str]]]] = {}
+        self._source: Dataset | None = None
+        self._tests: dict[str, TestSet] = {}
+
+    # -- shared resources -------------------------------------------------------------
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            c = self.config
+            spec = BackboneSpec(
+                model=c.backbone,
+                pretrained=c.pretrained,
+                input_size=c.input_size,
+                layers=tuple(c.layers) if c.layers else None,
+                cache_dir=Path(c.cache_dir) if c.cache_dir else None,
+                device=str(self.device),
+                batch_size=c.batch_size,
+            )
+            self._backbone = load_backbone(spec)
+        return self._backbone
+
+    @property
+    def source(self) -> Dataset:
+        if self._source is None:
+            self._source = resolve_dataset(self.config.source, Path(self.config.data_root))
+        return self._source
+
+    def test_set(self, target: str) -> TestSet:
+        if target not in self._tests:
+            dataset = resolve_dataset(target, Path(self.config.data_root))
+            self._tests[target] = TestSet(
+                name=slug(dataset.name),
+                dataset=dataset,
+                items=[image_item(s) for s in dataset.samples],
+                labels=np.array([label_index(s.label) for s in dataset.samples], dtype=np.int64),
+                eval_size=self.config.eval_size,
+            )
+        return self._tests[target]
+
+    def support(self, shots: int, seed: int) -> tuple[SupportSet, dict[str, list[str]]]:
+        key = (shots, seed)
+        if key not in self._support_cache:
+            selection = sample_support(self.source, shots, seed)
+            samples = selection.samples
+            masks = []
+            for sample in samples:
+                result = eval_mask(sample, self.config.eval_size)
+                if result.mask is None:  # sample_support only draws usable samples
+                    raise AssertionError(f"support sample {sample.id} has no usable mask: {result.reason}")
+                masks.append(result.mask.astype(np.float32))
+            support = SupportSet(
+                items=tuple(image_item(s) for s in samples),
+                labels=np.array([label_index(s.label) for s in samples], dtype=np.int64),
+                masks=np.stack(masks),
+            )
+            self._support_cache[key] = (support, selection.to_json())
+        return self._support_cache[key]
+
+    # -- the grid ---------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        """Run (or resume) this shard of the grid; returns what was done."""
+        c = self.config
+        units = shard_units(plan_grid(c), c.shard)
+        identity = self.backbone.identity  # fail fast on missing weights, before any work
+        run_dir = self.run_dir
+        targets = {t: self.test_set(t) for t in c.targets}
+        if any(get_method(u.method).uses_support for u in units):
+            _ = self.source
+        summary = RunSummary(run_dir=run_dir, backbone=identity)
+        pending: list[tuple[FitUnit, list[Cell]]] = []
+        for unit in units:
+            cells = [Cell(unit, targets[t].name) for t in c.targets]
+            todo = [cell for cell in cells if not self._finished(cell, identity)]
+            summary.cells_skipped.extend(cell for cell in cells if cell not in todo)
+            if todo:
+                pending.append((unit, todo))
+        if self.backbone.weights_warning:
+            self.console.print(Panel(self.backbone.weights_warning, title="WARNING", border_style="bold red"))
+        if identity.random_init:
+            self.console.print(
+                "[bold red]WARNING:[/] backbone weights are RANDOM-INIT: CLIP-based results are meaningless "
+                "(pipeline check only). Every result and table records this."
+            )
+        n_todo = sum(len(todo) for _, todo in pending)
+        self.console.print(
+            f"run [bold]{run_dir}[/]: {n_todo} cells to compute, "
+            f"{len(summary.cells_skipped)} already finished "
+            f"(shard {c.shard}, backbone {identity.label})"
+        )
+        target_by_name = {ts.name: ts for ts in targets.values()}
+        with self._progress() as progress:
+            bridge = _ProgressBridge(progress)
+            grid_task = progress.add_task("grid", total=n_todo) if progress else None
+            for unit, todo in pending:
+                method = self._fit(unit, bridge, progress, grid_task)
+                for cell in todo:
+                    self._evaluate(method, cell, target_by_name[cell.target], identity, bridge)
+                    summary.cells_done.append(cell)
+                    if progress is not None and grid_task is not None:
+                        progress.advance(grid_task)
+        if self._backbone is not None:
+            stats = self._backbone.cache_stats()
+            summary.images_encoded = self._backbone.n_encoded
+            summary.cache_hits, summary.cache_misses = stats.hits, stats.misses
+        return summary
+
+    @property
+    def run_dir(self) -> Path:
+        """``out/<name>``; the default name comes from the source and the RESOLVED weights, so
+        results of different weights (e.g. ``auto`` resolving differently) never share a folder."""
+        c = self.config
+        if c.name:
+            return Path(c.out) / c.name
+        identity = self.backbone.identity
+        return Path(c.out) / slug(f"{c.source}__{identity.model}__{identity.weights}")
+
+    def _finished(self, cell: Cell, identity: BackboneIdentity) -> bool:
+        """True when the cell's record exists and was made with this backbone (else an error)."""
+        path = cell.directory(self.run_dir) / CELL_FILE
+        if not path.exists():
+            return False
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            same = BackboneIdentity.from_dict(stored["backbone"]) == identity
+            same_eval = int(stored["eval_size"]) == self.config.eval_size
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ResultsError(
+                f"{path} is unreadable ({exc}); delete that cell directory to recompute it"
+            ) from exc
+        if not (same and same_eval):
+            raise ResultsError(
+                f"{path} was made with another backbone or evaluation size "
+                f"({stored['backbone']}, eval {stored['eval_size']}) than this run ({identity}, eval "
+                f"{self.config.eval_size}); use another --name or --out so results never mix"
+            )
+        return True
+
+    @contextmanager
+    def _progress(self) -> Iterator[Progress | None]:
+        if not self.show_progress:
+            yield None
+            return
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        with progress:
+            yield progress
+
+    def _context(self, unit: FitUnit, bridge: _ProgressBridge) -> MethodContext:
+        cls = get_method(unit.method)
+        scratch = self.run_dir / ".scratch" / slug(unit.method) / f"shots{unit.shots}_seed{unit.seed}"
+        scratch.mkdir(parents=True, exist_ok=True)
+        return MethodContext(
+            device=self.device,
+            seed=unit.seed,
+            shots=unit.shots,
+            scratch_dir=scratch,
+            config=dict(self.config.method_config.get(unit.method, {})),
+            eval_size=self.config.eval_size,
+            backbone_factory=(lambda: self.backbone) if cls.uses_backbone else None,
+            progress=bridge.track,
+        )
+
+    def _fit(
+        self, unit: FitUnit, bridge: _ProgressBridge, progress: Progress | None, grid_task: TaskID | None
+    ) -> _FittedMethod:
+        cls = get_method(unit.method)
+        if progress is not None and grid_task is not None:
+            progress.update(
+                grid_task, description=f"grid: fitting {unit.method} ({unit.shots}-shot, seed {unit.seed})"
+            )
+        seed_everything(unit.seed)
+        method = cls(self._context(unit, bridge))
+        support_ids: dict[str, list[str]] | None = None
+        start = time.perf_counter()
+        if cls.uses_support:
+            support, support_ids = self.support(unit.shots, unit.seed)
+            try:
+                method.fit(support)
+            except Exception as exc:
+                exc.add_note(f"while fitting {unit.method} ({unit.shots}-shot, seed {unit.seed})")
+                raise
+        return _FittedMethod(method, support_ids, time.perf_counter() - start)
+
+    def _evaluate(
+        self,
+        fitted: _FittedMethod,
+        cell: Cell,
+        test: TestSet,
+        identity: BackboneIdentity,
+        bridge: _ProgressBridge,
+    ) -> None:
+        method = fitted.method
+        tasks = method.tasks
+        size = self.config.eval_size
+        n = len(test.items)
+        scores = np.empty(n, dtype=np.float64)
+        probs = np.empty((n, len(CLASSES)), dtype=np.float64) if Task.CLASSIFY in tasks else None
+        maps_out = (
+            np.empty((n, size, size), dtype=np.float16)
+            if (self.config.save_maps and Task.LOCALIZE in tasks)
+            else None
+        )
+        pixels = PixelMetricAccumulator() if Task.LOCALIZE in tasks else None
+        batch = max(1, min(method.predict_batch_size, self.config.batch_size))
+        starts = range(0, n, batch)
+        start_time = time.perf_counter()
+        for start in bridge.track(starts, f"predict {cell}", len(starts)):
+            items = test.items[start : start + batch]
+            try:
+                prediction = method.predict(items)
+            except Exception as exc:
+                exc.add_note(f"while predicting cell {cell}")
+                raise
+            validate_prediction(prediction, items, tasks, size, cell)
+            stop = start + len(items)
+            scores[start:stop] = prediction.scores
+            if probs is not None:
+                probs[start:stop] = prediction.probs
+            if pixels is not None:
+                assert prediction.maps is not None
+                keep = [i for i in range(len(items)) if test.masks[start + i] is not None]
+                if keep:
+                    pixels.add(prediction.maps[keep], np.stack([test.masks[start + i] for i in keep]))
+                if maps_out is not None:
+                    maps_out[start:stop] = prediction.maps
+        predict_seconds = time.perf_counter() - start_time
+
+        metrics: dict[str, float] = {}
+        notes: list[str] = []
+        image_result = image_metrics(test.labels, scores, probs)
+        wanted = set()
+        if Task.DETECT in tasks:
+            wanted.add("image_auroc")
+        if Task.CLASSIFY in tasks:
+            wanted.update({"class_auroc", "class_accuracy", "class_balanced_accuracy"})
+        metrics.update({k: v for k, v in image_result.values.items() if k in wanted})
+        notes.extend(image_result.notes)
+        if pixels is not None:
+            pixel_result = pixels.result()
+            metrics.update(pixel_result.values)
+            notes.extend(pixel_result.notes)
+        self._write_cell(
+            cell, test, fitted, identity, scores, probs, maps_out, metrics, notes, predict_seconds
+        )
+
+    def _write_cell(
+        self,
+        cell: Cell,
+        test: TestSet,
+        fitted: _FittedMethod,
+        identity: BackboneIdentity,
+        scores: np.ndarray,
+        probs: np.ndarray | None,
+        maps: np.ndarray | None,
+        metrics: dict[str, float],
+        notes: list[str],
+        predict_seconds: float,
+    ) -> None:
+        directory = cell.directory(self.run_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        method = fitted.method
+        resolved = self.config.to_dict() | {"method_config": {cell.unit.method: method.config}}
+        atomic_write_text(directory / "config.yaml", yaml.safe_dump(resolved, sort_keys=True))
+        if fitted.support_ids is not None:
+            atomic_write_json(
+                directory / "support.json", {"source": self.config.source, "ids": fitted.support_ids}
+            )
+        atomic_write_text(directory / "predictions.csv", predictions_csv(test, scores, probs))
+        if maps is not None:
+            buffer = io.BytesIO()
+            np.save(buffer, maps)
+            atomic_write_bytes(directory / "maps.npy", buffer.getvalue())
+        n = len(test.items)
+        atomic_write_json(
+            directory / "timings.json",
+            {
+                "fit_seconds": fitted.fit_seconds,
+                "predict_seconds": predict_seconds,
+                "predict_seconds_per_image": predict_seconds / max(n, 1),
+                "device": str(self.device),
+            },
+        )
+        record = CellRecord(
+            method=cell.unit.method,
+            tasks=tuple(sorted(str(t) for t in method.tasks)),
+            source=self.config.source,
+            target=cell.target,
+            shots=cell.unit.shots,
+            seed=cell.unit.seed,
+            uses_support=type(method).uses_support,
+            backbone=identity,
+            metrics=metrics,
+            n_images=n,
+            n_pixel_images=test.n_pixel_images,
+            eval_size=self.config.eval_size,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        payload = record.to_json() | {"notes": notes, "excluded_from_pixel_metrics": test.excluded}
+        atomic_write_json(directory / CELL_FILE, payload)
+
+
+@dataclass
+class _FittedMethod:
+    method: Method
+    support_ids: dict[str, list[str]] | None
+    fit_seconds: float
+
+
+def validate_prediction(
+    prediction: Prediction, items: Sequence[ImageItem], tasks: frozenset[Task], size: int, cell: Cell
+) -> None:
+    """Reject malformed or non-finite method output with a message naming the cell and image."""
+    b = len(items)
+
+    def fail(problem: str) -> None:
+        raise MethodError(
+            f"cell {cell}: method {cell.unit.method!r} returned {problem}; nothing was written for this cell"
+        )
+
+    def first_bad(values: np.ndarray) -> str:
+        bad = np.flatnonzero(~np.isfinite(values.reshape(b, -1)).all(axis=1))
+        return items[int(bad[0])].id if bad.size else "?"
+
+    scores = np.asarray(prediction.scores)
+    if scores.shape != (b,):
+        fail(f"scores of shape {scores.shape} for a batch of {b} images (expected ({b},))")
+    if not np.isfinite(scores).all():
+        fail(f"a NaN or infinite score (first bad image: {first_bad(scores)})")
+    if Task.CLASSIFY in tasks:
+        probs = prediction.probs
+        if probs is None or np.shape(probs) != (b, len(CLASSES)):
+            fail(f"probabilities of shape {None if probs is None else np.shape(probs)} (expected ({b}, 3))")
+        probs = np.asarray(probs)
+        if not np.isfinite(probs).all():
+            fail(f"NaN or infinite probabilities (first bad image: {first_bad(probs)})")
+        if (probs < 0).any() or np.abs(probs.sum(axis=1) - 1).max() > PROB_SUM_TOLERANCE:
+            fail("probabilities that are negative or do not sum to 1")
+    if Task.LOCALIZE in tasks:
+        maps = prediction.maps
+        if maps is None or np.shape(maps) != (b, size, size):
+            fail(f"maps of shape {None if maps is None else np.shape(maps)} (expected ({b}, {size}, {size}))")
+        if not np.isfinite(np.asarray(maps)).all():
+            fail(f"NaN or infinite map values (first bad image: {first_bad(np.asarray(maps))})")
+
+
+def predictions_csv(test: TestSet, scores: np.ndarray, probs: np.ndarray | None) -> str:
+    """Per-image predictions: id, label, score and (if any) the three class probabilities."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    header = ["id", "label", "score"] + ([f"p_{c}" for c in CLASSES] if probs is not None else [])
+    writer.writerow(header)
+    for i, item in enumerate(test.items):
+        row: list[Any] = [item.id, str(CLASSES[int(test.labels[i])]), repr(float(scores[i]))]
+        if probs is not None:
+            row.extend(repr(float(p)) for p in probs[i])
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def run_grid(config: RunConfig, console: Console | None = None, show_progress: bool = True) -> RunSummary:
+    """Convenience wrapper: build a :class:`Runner` and run it."""
+    return Runner(config, console=console, show_progress=show_progress).run()
+
+
+__all__ = [
+    "Cell",
+    "FitUnit",
+    "RunSummary",
+    "Runner",
+    "plan_grid",
+    "run_grid",
+    "shard_units",
+    "validate_prediction",
+]

@@ -1,0 +1,1 @@
+"""Built-in methods: one sub-package per method, each exposing ``METHODS``."""

@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bench.errors import BenchError
@@ -34,7 +35,7 @@ def _friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except BenchError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(code=2) from exc
 
     return wrapper  # type: ignore[return-value]
@@ -222,26 +223,26 @@ def datasets_command(
 
     root = Path(data_root) if data_root else default_data_root()
     if dataset is None:
-        table = Table(title=f"named datasets under {root}")
+        table = Table(title=escape(f"named datasets under {root}"))
         table.add_column("name", style="bold")
         table.add_column("expected path")
         table.add_column("present")
         for key, rel in NAMED_DATASETS.items():
-            table.add_row(key, str(root / rel), "yes" if (root / rel).exists() else "no")
+            table.add_row(key, escape(str(root / rel)), "yes" if (root / rel).exists() else "no")
         console.print(table)
         console.print("Describe one with `bench datasets NAME` (or a path to a manifest or folder).")
         return
     summary = describe_dataset(resolve_dataset(dataset, root))
-    table = Table(title=f"{summary.name} ({summary.root})")
+    table = Table(title=escape(f"{summary.name} ({summary.root})"))
     table.add_column("quantity", style="bold")
     table.add_column("value")
     for key, value in summary.rows():
-        table.add_row(str(key), str(value))
+        table.add_row(escape(str(key)), escape(str(value)))
     console.print(table)
     if summary.problems:
         console.print("[bold yellow]problems found:[/]")
         for problem in summary.problems:
-            console.print(f"  - {problem}", highlight=False)
+            console.print(f"  - {escape(problem)}", highlight=False)
     else:
         console.print("no problems found")
 

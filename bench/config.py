@@ -64,8 +64,11 @@ class RunConfig:
             raise ConfigError("no target datasets given; use --targets NAME[,NAME...]")
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive integers, got {self.shots}")
-        if len(set(self.shots)) != len(self.shots) or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"shots {self.shots} and seeds {self.seeds} must not repeat values")
+        for key in ("methods", "shots", "seeds", "targets"):
+            values = getattr(self, key)
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            if repeated:
+                raise ConfigError(f"{key} lists {', '.join(repeated)} more than once: {values}")
         if self.eval_size < 8:
             raise ConfigError(
                 f"eval_size {self.eval_size} is too small; the protocol default is {DEFAULT_EVAL_SIZE}"
@@ -99,7 +102,12 @@ def parse_list(value: str | list[Any] | None, kind: type = str) -> list[Any] | N
     """``"4,8,16"`` -> ``[4, 8, 16]``; lists pass through (converted); None stays None."""
     if value is None:
         return None
-    items = value.split(",") if isinstance(value, str) else list(value)
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:  # a single YAML scalar, e.g. ``shots: 4``
+        items = [value]
     try:
         return [kind(str(item).strip()) for item in items if str(item).strip()]
     except ValueError as exc:

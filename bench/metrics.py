@@ -58,13 +58,14 @@ AUPRO_FPR_LIMIT = 0.3
 #: Tolerance on ``probs.sum(axis=1) == 1`` accepted by :func:`image_metrics`.
 PROB_SUM_TOLERANCE = 1e-3
 
-_PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_dice")
-
 # Regions of a ground-truth mask are its 8-connected components.
 _EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
 # Block length of the cache-friendly searchsorted (2**16 float32 = 256 KiB, fits in L2).
 _SEARCH_BLOCK = 1 << 16
+
+# Smallest storage chunk (elements) of the accumulator.
+_MIN_CHUNK = 1 << 16
 
 # Positive pixels handled per step of the final sweep (temporaries stay a few MB).
 _SWEEP_BLOCK = 1 << 20
@@ -260,7 +261,7 @@ class _ChunkedBuffer:
         if not self._chunks or self._chunks[-1].size - self._fill < n:
             if self._chunks:
                 self._chunks[-1] = self._chunks[-1][: self._fill]
-            capacity = max(n, self.size, capacity_hint - self.size, 1 << 16)
+            capacity = max(n, self.size, capacity_hint - self.size, _MIN_CHUNK)
             self._chunks.append(np.empty(capacity, dtype=self._dtype))
             self._fill = 0
         out = self._chunks[-1][self._fill : self._fill + n]
@@ -414,7 +415,9 @@ class PixelMetricAccumulator:
                 "resolution, resize maps and masks to it first"
             )
         if image_shape[0] * image_shape[1] >= 1 << 32:
-            raise ValueError(f"maps of {image_shape[0]}x{image_shape[1]} are too large (region sizes are uint32)")
+            raise ValueError(
+                f"maps of {image_shape[0]}x{image_shape[1]} are too large (region sizes are uint32)"
+            )
         if maps.dtype == bool or not (
             np.issubdtype(maps.dtype, np.floating) or np.issubdtype(maps.dtype, np.integer)
         ):

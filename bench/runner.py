@@ -43,7 +43,7 @@ from rich.progress import (
 from bench.backbone import Backbone, BackboneSpec, load_backbone, resolve_device
 from bench.config import RunConfig, shard_index, slug
 from bench.data import Dataset, eval_mask, image_item, resolve_dataset, sample_support
-from bench.errors import MethodError, ResultsError
+from bench.errors import ConfigError, MethodError, ResultsError
 from bench.method import Method, MethodContext, Prediction, SupportSet
 from bench.metrics import PixelMetricAccumulator, image_metrics
 from bench.registry import get_method, resolve_method_names
@@ -260,13 +260,22 @@ class Runner:
         identity = self.backbone.identity  # fail fast on missing weights, before any work
         run_dir = self.run_dir
         targets = {t: self.test_set(t) for t in c.targets}
+        by_name: dict[str, str] = {}
+        for spec, test in targets.items():
+            if test.name in by_name:
+                raise ConfigError(
+                    f"targets {by_name[test.name]!r} and {spec!r} are both named {test.name!r}, so their "
+                    "results would share a folder; rename one of the manifests or folders"
+                )
+            by_name[test.name] = spec
         if any(get_method(u.method).uses_support for u in units):
             _ = self.source
         summary = RunSummary(run_dir=run_dir, backbone=identity)
         pending: list[tuple[FitUnit, list[Cell]]] = []
         for unit in units:
             cells = [Cell(unit, targets[t].name) for t in c.targets]
-            todo = [cell for cell in cells if not self._finished(cell, identity)]
+            options = self._method_options(unit.method)
+            todo = [cell for cell in cells if not self._finished(cell, identity, options)]
             summary.cells_skipped.extend(cell for cell in cells if cell not in todo)
             if todo:
                 pending.append((unit, todo))
@@ -310,8 +319,15 @@ class Runner:
         identity = self.backbone.identity
         return Path(c.out) / slug(f"{c.source}__{identity.model}__{identity.weights}")
 
-    def _finished(self, cell: Cell, identity: BackboneIdentity) -> bool:
-        """True when the cell's record exists and was made with this backbone (else an error)."""
+    def _method_options(self, method: str) -> dict[str, Any]:
+        """The method's options as this run resolves them, in their JSON form."""
+        cls = get_method(method)
+        merged = {**cls.default_config, **self.config.method_config.get(method, {})}
+        return json.loads(json.dumps(merged, sort_keys=True, default=str))
+
+    def _finished(self, cell: Cell, identity: BackboneIdentity, options: dict[str, Any]) -> bool:
+        """True when the cell's record exists and was made with this backbone, evaluation size and
+        method options; a record made differently is an error, never silently reused."""
         path = cell.directory(self.run_dir) / CELL_FILE
         if not path.exists():
             return False
@@ -319,6 +335,7 @@ class Runner:
             stored = json.loads(path.read_text(encoding="utf-8"))
             same = BackboneIdentity.from_dict(stored["backbone"]) == identity
             same_eval = int(stored["eval_size"]) == self.config.eval_size
+            stored_options = stored.get("method_options", options)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ResultsError(
                 f"{path} is unreadable ({exc}); delete that cell directory to recompute it"
@@ -328,6 +345,14 @@ class Runner:
                 f"{path} was made with another backbone or evaluation size "
                 f"({stored['backbone']}, eval {stored['eval_size']}) than this run ({identity}, eval "
                 f"{self.config.eval_size}); use another --name or --out so results never mix"
+            )
+        if stored_options != options:
+            changed = sorted(
+                k for k in set(options) | set(stored_options) if options.get(k) != stored_options.get(k)
+            )
+            raise ResultsError(
+                f"{path} was made with other options of method {cell.unit.method!r} (changed: "
+                f"{', '.join(changed)}); use another --name or --out, or delete those cells to recompute them"
             )
         return True
 
@@ -499,7 +524,11 @@ class Runner:
             eval_size=self.config.eval_size,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        payload = record.to_json() | {"notes": notes, "excluded_from_pixel_metrics": test.excluded}
+        payload = record.to_json() | {
+            "notes": notes,
+            "excluded_from_pixel_metrics": test.excluded,
+            "method_options": json.loads(json.dumps(method.config, sort_keys=True, default=str)),
+        }
         atomic_write_json(directory / CELL_FILE, payload)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from rich.console import Console
 
 from bench.config import RunConfig, load_config
 from bench.method import Method
@@ -306,6 +307,45 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
 def cell_dirs(run_dir: Path) -> set[str]:
     """Relative folders (``method/target/shotsK_seedS``) of the finished cells under ``run_dir``."""
     return {p.parent.relative_to(run_dir).as_posix() for p in run_dir.rglob("cell.json")}
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def wide_consoles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Consoles wide enough that rich never wraps a message or truncates a table cell."""
+    import bench.cli as cli
+
+    monkeypatch.setattr(cli, "console", Console(width=2000))
+    monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=2000))
+
+
+def bench(*args: str | Path) -> tuple[int, str, str]:
+    """Run ``bench ARGS`` in process; returns (exit code, stdout, stderr). Unexpected exceptions propagate."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def flat(text: str) -> str:
+    """Whitespace collapsed, so assertions never depend on line wrapping."""
+    return " ".join(text.split())
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """Rows of a rich box table: first cell -> all cells."""
+    rows = {}
+    for line in text.replace("┃", "│").splitlines():
+        if "│" in line:
+            cells = [c.strip() for c in line.strip().strip("│").split("│")]
+            rows[cells[0]] = cells
+    return rows
 
 
 requires_shared_datasets = pytest.mark.skipif(

@@ -15,47 +15,17 @@ from conftest import (
     SHARED_DATASETS,
     TINY_MODEL,
     SyntheticData,
+    bench,
     cell_dirs,
+    flat,
     requires_shared_datasets,
     rewrite_row,
+    table_rows,
 )
-from rich.console import Console
-from typer.testing import CliRunner
 
-import bench.cli as cli
-from bench.cli import app
+from bench.data import NAMED_DATASETS
 
 pytestmark = pytest.mark.usefixtures("isolated_env", "wide_consoles")
-
-
-@pytest.fixture
-def wide_consoles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Consoles wide enough that rich never wraps a message or truncates a table cell."""
-    monkeypatch.setattr(cli, "console", Console(width=2000))
-    monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=2000))
-
-
-def bench(*args: str | Path) -> tuple[int, str, str]:
-    """Run ``bench ARGS``; returns (exit code, stdout, stderr). Unexpected exceptions propagate."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
-
-
-def flat(text: str) -> str:
-    """Whitespace collapsed, so assertions never depend on line wrapping."""
-    return " ".join(text.split())
-
-
-def table_rows(text: str) -> dict[str, list[str]]:
-    """Rows of a rich box table: first cell -> all cells."""
-    rows = {}
-    for line in text.replace("┃", "│").splitlines():
-        if "│" in line:
-            cells = [c.strip() for c in line.strip().strip("│").split("│")]
-            rows[cells[0]] = cells
-    return rows
 
 
 def run_args(data: SyntheticData, out: Path, *extra: str) -> list[str]:
@@ -104,14 +74,9 @@ def test_datasets_without_argument_lists_the_named_sets(tmp_path: Path) -> None:
     code, out, _ = bench("datasets", "--data-root", tmp_path)
     assert code == 0
     rows = table_rows(out)
-    for name, folder in [
-        ("bus-uclm", "BUS-UCLM"),
-        ("busi", "Dataset_BUSI_with_GT"),
-        ("udiat", "UDIAT_DatasetB"),
-    ]:
-        assert rows[name][1] == str(tmp_path / folder)
-        assert rows[name][2] == "no"
-    assert "breast" in rows
+    for name, relative in NAMED_DATASETS.items():
+        assert rows[name][1:] == [str(tmp_path / relative), "no"]
+    assert {"bus-uclm", "busi", "udiat", "breast"} <= set(NAMED_DATASETS)
 
 
 @requires_shared_datasets
@@ -281,11 +246,6 @@ def test_datasets_error_exits_2(tmp_path: Path) -> None:
     assert_clean_error(code, out, err, "neither a dataset name")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: bench/cli.py _friendly_errors prints the error through rich markup without escaping it, "
-    "so '[...]' in a message (a label cell, a path) is swallowed as a style tag or crashes with MarkupError",
-)
 @pytest.mark.parametrize("label", ["[red]", "[/]"])
 def test_error_messages_are_printed_verbatim(label: str, data: SyntheticData) -> None:
     rewrite_row(data.target_b.manifest, 0, label=label)

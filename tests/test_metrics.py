@@ -7,6 +7,7 @@ distinct threshold explicitly and are themselves checked on hand-computed cases.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 
@@ -53,16 +54,20 @@ def ref_dice(scores: np.ndarray, targets: np.ndarray) -> float:
 
 def ref_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
     """PRO curve with a point at every distinct threshold, trapezoid up to FPR ``limit`` / limit."""
-    regions = []
+    region_ids, region_scores, n_regions = [], [], 0
     for score_map, mask in zip(maps, masks, strict=True):
         labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
-        regions += [score_map[labels == r] for r in range(1, n + 1)]
+        region_ids.append(labels[mask] - 1 + n_regions)  # global region id of each lesion pixel
+        region_scores.append(score_map[mask])
+        n_regions += n
+    ids, scores = np.concatenate(region_ids), np.concatenate(region_scores)
+    region_size = np.bincount(ids, minlength=n_regions)
     negatives = maps[~masks]
     points = [(0.0, 0.0)]  # threshold +inf
     for t in np.unique(maps)[::-1]:
         fpr = np.mean(negatives >= t)
-        pro = np.mean([np.mean(region >= t) for region in regions])
-        points.append((float(fpr), float(pro)))
+        overlap = np.bincount(ids, weights=scores >= t, minlength=n_regions) / region_size
+        points.append((float(fpr), float(np.mean(overlap))))
     area = 0.0
     for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x1 <= limit:
@@ -336,6 +341,30 @@ def test_streaming_equals_one_call() -> None:
     assert acc.n_negative == (~masks).sum()
     assert acc.result() == one
     assert_close(one.values, reference_pixel_metrics(maps, masks))
+
+
+@functools.cache
+def streamed_case() -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    rng = np.random.default_rng(9)
+    masks = blob_masks(rng, 23, 12, 10)
+    maps = rng.standard_normal(masks.shape) + masks
+    return maps, masks, reference_pixel_metrics(maps, masks)
+
+
+@pytest.mark.parametrize("expected_images", [None, 1, 3, 23, 1000])
+@pytest.mark.parametrize("min_chunk", [1, 50, 1 << 16])
+def test_capacity_hint_does_not_change_results(
+    expected_images: int | None, min_chunk: int, monkeypatch
+) -> None:
+    """Storage split over many chunks (small hint / chunk size) or one gives the same result."""
+    monkeypatch.setattr(metrics_module, "_MIN_CHUNK", min_chunk)
+    maps, masks, want = streamed_case()
+    acc = PixelMetricAccumulator(expected_images=expected_images)
+    for lo in range(0, 23, 4):
+        acc.add(maps[lo : lo + 4], masks[lo : lo + 4])
+    got = acc.result()
+    assert_close(got.values, want)
+    assert acc.result() == got  # a second call (storage now one sorted chunk) agrees
 
 
 def test_result_can_be_called_again_after_more_batches() -> None:

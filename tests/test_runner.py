@@ -35,6 +35,7 @@ from bench.config import RunConfig, load_config, shard_index
 from bench.data import resolve_dataset, sample_support
 from bench.errors import BenchError, ConfigError, DatasetError, MethodError
 from bench.method import Method, Prediction, SupportSet
+from bench.registry import available_methods
 from bench.results import METRIC_KEYS, load_cells
 from bench.runner import FitUnit, Runner, RunSummary, plan_grid, run_grid, shard_units
 from bench.types import ImageItem, Task
@@ -251,8 +252,6 @@ def test_config_yaml_and_timings(full_grid: GridRun) -> None:
         assert stored["shots"] == list(GRID_SHOTS) and stored["seeds"] == list(GRID_SEEDS)
         assert stored["backbone"] == "bench-tiny-vit" and stored["eval_size"] == EVAL_SIZE
         # the method's section, defaults merged, is recorded with the cell
-        from bench.registry import available_methods
-
         defaults = {**available_methods(), "proto-test": PrototypeProbe}[method].default_config
         assert stored["method_config"] == {method: dict(defaults)}
         timings = read_json(run_dir / cell / "timings.json")
@@ -595,7 +594,7 @@ def test_yaml_config_and_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("shots: [4, 4]\n", "must not repeat"),
+        ("shots: [4, 4]\n", "more than once"),
         ("shots: [0]\n", "shots must be positive"),
         ("eval_size: 4\n", "eval_size 4 is too small"),
         ("bogus_key: 1\n", "unknown option(s) ['bogus_key']"),
@@ -613,11 +612,6 @@ def test_bad_yaml_config_is_a_config_error(tmp_path: Path, text: str, fragment: 
     assert fragment in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: bench/config.py parse_list calls list() on a YAML scalar (`shots: 4`), raising a bare "
-    "TypeError instead of reading [4] or raising ConfigError",
-)
 def test_scalar_yaml_list_value_is_read_or_refused_cleanly(tmp_path: Path) -> None:
     path = tmp_path / "scalar.yaml"
     path.write_text("shots: 4\nseeds: 0\n")
@@ -628,11 +622,6 @@ def test_scalar_yaml_list_value_is_read_or_refused_cleanly(tmp_path: Path) -> No
     assert cfg.shots == [4] and cfg.seeds == [0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: two target manifests in one folder get the same dataset name (the folder's), so "
-    "bench/runner.py writes both targets into one cell folder and the second silently overwrites the first",
-)
 def test_two_targets_with_the_same_folder_name_do_not_collide(
     data: SyntheticData, tmp_path: Path, isolated_env: Path
 ) -> None:
@@ -664,3 +653,43 @@ def test_resume_never_mixes_cells_of_another_protocol(make_config: Callable[...,
     assert len(second.cells_done) == 2  # or recomputing them
     for cell in cell_dirs(second.run_dir):
         assert read_json(second.run_dir / cell / "cell.json")["eval_size"] == 40
+
+
+def test_resume_refuses_cells_made_with_other_method_options(make_config: Callable[..., RunConfig]) -> None:
+    first = run_grid(make_config(methods="intensity"), show_progress=False)
+    before = snapshot(first.run_dir)
+    stored = read_json(first.run_dir / "intensity" / "tgta" / "shots0_seed0" / "cell.json")
+    assert stored["method_options"] == {"quantile": 0.99, "sigma": 4.0}
+    changed = make_config(methods="intensity", method_config={"intensity": {"sigma": 2.0}})
+    with pytest.raises(BenchError, match=r"other options of method 'intensity' \(changed: sigma\)"):
+        run_grid(changed, show_progress=False)
+    assert snapshot(first.run_dir) == before
+    # The same options given explicitly are the same protocol: nothing to recompute.
+    same = make_config(methods="intensity", method_config={"intensity": {"sigma": 4.0}})
+    assert run_grid(same, show_progress=False).cells_done == []
+
+
+def test_save_maps_stores_fp16_maps_of_localizing_methods(make_config: Callable[..., RunConfig]) -> None:
+    config = make_config(methods="intensity", save_maps=True)
+    run_grid(config, show_progress=False)
+    for target in ("tgta", "tgtb"):
+        maps = np.load(run_dir_of(config) / "intensity" / target / "shots0_seed0" / "maps.npy")
+        assert maps.shape == (9, EVAL_SIZE, EVAL_SIZE) and maps.dtype == np.float16
+        assert np.isfinite(maps).all()
+
+
+@pytest.mark.parametrize("repeat", ["methods", "targets"])
+def test_repeated_methods_or_targets_are_not_computed_twice(
+    repeat: str, make_config: Callable[..., RunConfig], shared_data: SyntheticData
+) -> None:
+    overrides = (
+        {"methods": "intensity,intensity"}
+        if repeat == "methods"
+        else {"targets": f"{shared_data.target_a.folder},{shared_data.target_a.folder}"}
+    )
+    try:
+        summary = run_grid(make_config(**overrides), show_progress=False)
+    except ConfigError:
+        return  # refusing repeated values, as for shots and seeds, is an acceptable fix
+    done = [str(c) for c in summary.cells_done]
+    assert len(done) == len(set(done))

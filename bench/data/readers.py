@@ -251,12 +251,20 @@ def read_manifest(csv_path: Path, name: str | None = None) -> Dataset:
     or list several files separated by ``;`` (merged by union). ``label`` is one of
     normal/benign/malignant in any case. Sample ids are the image paths relative to the
     CSV folder without extension (``"images/case001"``). ``name`` defaults to the CSV
-    folder's name. Missing files, unknown labels, duplicate images, missing columns and an
+    folder's name (plus ``-<stem>`` when the file is not called ``manifest.csv``). Missing
+    files, unknown labels, duplicate images, missing columns and an
     empty manifest raise :class:`DatasetError` naming the line.
     """
     csv_path = Path(csv_path)
     base = csv_path.parent
-    name = name or base.resolve().name or csv_path.stem
+    # "<folder>" for the conventional manifest.csv, "<folder>-<stem>" for any other file name,
+    # so two manifests in one folder never share a name (and so a results folder).
+    folder = base.resolve().name
+    if csv_path.stem == "manifest" and folder:
+        default = folder
+    else:
+        default = f"{folder}-{csv_path.stem}" if folder else csv_path.stem
+    name = name or default
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path}: manifest file not found")
     samples: list[Sample] = []

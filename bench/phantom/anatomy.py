@@ -147,7 +147,7 @@ class Lesion:
         for k, amp, phase in self.harmonics:
             out += amp * np.cos(k * phi + phase)
         for angle, height, width in self.spikes:
-            delta = np.abs(np.angle(np.exp(1j * (phi - angle))))
+            delta = np.abs(np.mod(phi - angle + math.pi, 2 * math.pi) - math.pi)
             out += height * np.clip(1.0 - delta / width, 0.0, None)
         return np.maximum(out, 0.3)
 
@@ -194,6 +194,7 @@ class Tissue:
     ducts: tuple[tuple[float, float, float, float, float], ...] = ()  # s, d, half-length, half-thickness, tilt
     ribs: tuple[tuple[float, float, float, float], ...] = ()  # s, d (centre), half-width, half-height
     ligament_shadows: tuple[tuple[float, float, float], ...] = ()  # s, width, dB
+    ligament_shear: float = 0.0  # Cooper's ligaments lean by this ds/dd
     texture_seed: int = 0
     uniform: bool = False
 
@@ -292,14 +293,15 @@ def _sample_tissue(rng: np.random.Generator) -> Tissue:
                 (_u(rng, -22, 22), _u(rng, fat + 2.0, gland - 1.0), _u(rng, 3, 9), _u(rng, 0.4, 1.1), _u(rng, -0.35, 0.35))
             )
     ribs = []
-    rib_depth = gland + retro + muscle + _u(rng, 2.5, 6.0)
-    spacing = _u(rng, 20, 28)
-    offset = _u(rng, -spacing / 2, spacing / 2)
-    for k in range(-3, 4):
-        s = offset + k * spacing
-        if abs(s) < 40:
-            half_h = _u(rng, 3.5, 5.5)
-            ribs.append((s, rib_depth + half_h, _u(rng, 5.5, 8.5), half_h))
+    if rng.random() < 0.6:
+        rib_depth = gland + retro + muscle + _u(rng, 3.0, 12.0)
+        spacing = _u(rng, 20, 28)
+        offset = _u(rng, -spacing / 2, spacing / 2)
+        for k in range(-3, 4):
+            s = offset + k * spacing
+            if abs(s) < 40:
+                half_h = _u(rng, 3.0, 5.0)
+                ribs.append((s, rib_depth + half_h, _u(rng, 5.0, 8.0), half_h))
     shadows = []
     for _ in range(int(rng.integers(0, 4))):
         shadows.append((_u(rng, -24, 24), _u(rng, 0.3, 0.9), _u(rng, -14, -5)))
@@ -321,6 +323,7 @@ def _sample_tissue(rng: np.random.Generator) -> Tissue:
         ducts=tuple(ducts),
         ribs=tuple(ribs),
         ligament_shadows=tuple(shadows),
+        ligament_shear=_u(rng, -1.2, 1.2),
         texture_seed=int(rng.integers(0, 2**62)),
     )
 
@@ -426,7 +429,7 @@ def _sample_lesion(rng: np.random.Generator, label: Label, tissue: Tissue) -> Le
             pu = float(np.clip(cu + 0.2 * rng.standard_normal(), -0.5, 0.5))
             pw = float(np.clip(cw + 0.2 * rng.standard_normal(), -0.5, 0.5))
             scale = min(1.0, 0.7 / max(math.hypot(pu, pw), 1e-6))
-            calcifications.append((pu * scale * lesion.half_width, pw * scale * lesion.half_height, _u(rng, 20, 28)))
+            calcifications.append((pu * scale * lesion.half_width, pw * scale * lesion.half_height, _u(rng, 14, 22)))
     return replace(lesion, centre_s=centre_s, centre_d=centre_d, calcifications=tuple(calcifications))
 
 
@@ -470,21 +473,40 @@ class TissueFields:
 
     fine: tuple[np.ndarray, float]  # lobular texture, sigma 0.7 mm
     coarse: tuple[np.ndarray, float]  # slow echogenicity changes, lesion heterogeneity, sigma 2.5 mm
-    strands: tuple[np.ndarray, float]  # isolines give Cooper's ligaments, sigma 1.4 mm
+    strands: tuple[np.ndarray, float]  # isolines give Cooper's ligaments: sigma 1 mm across, 3 mm in depth
     wobble: tuple[np.ndarray, float]  # muscle fibre phase, sigma 4 mm
 
-    def sample(self, name: str, s: np.ndarray, d: np.ndarray) -> np.ndarray:
+    def sample(self, name: str, s: np.ndarray, d: np.ndarray, shear: float = 0.0) -> np.ndarray:
+        """Field ``name`` (bilinear) at tissue points; ``shear`` tilts it (read at s + shear * d).
+
+        ``s`` of shape (1, m) and ``d`` of shape (n, 1) (a separable grid, as every beam
+        grid is) take a fast path; any other broadcastable pair works too.
+        """
         grid, step = getattr(self, name)
-        coords = np.stack([(np.asarray(d) - _D_RANGE[0]) / step, (np.asarray(s) - _S_RANGE[0]) / step])
-        return map_coordinates(grid, coords.reshape(2, -1), order=1, mode="nearest").reshape(np.shape(s))
+        s, d = np.asarray(s, dtype=np.float64), np.asarray(d, dtype=np.float64)
+        if s.ndim == 2 and d.ndim == 2 and s.shape[0] == 1 and d.shape[1] == 1:
+            fr = np.clip((d[:, 0] - _D_RANGE[0]) / step, 0.0, grid.shape[0] - 1.000001)
+            r0 = fr.astype(np.intp)
+            wr = (fr - r0).astype(np.float32)[:, None]
+            rows = grid[r0] * (1.0 - wr) + grid[r0 + 1] * wr  # (n, grid columns)
+            fc = (s + shear * d - _S_RANGE[0]) / step
+            fc = np.clip(np.broadcast_to(fc, (d.shape[0], s.shape[1])), 0.0, grid.shape[1] - 1.000001)
+            c0 = fc.astype(np.intp)
+            wc = (fc - c0).astype(np.float32)
+            left = np.take_along_axis(rows, c0, axis=1)
+            right = np.take_along_axis(rows, c0 + 1, axis=1)
+            return left + (right - left) * wc
+        s, d = np.broadcast_arrays(s + shear * d if shear else s, d)
+        coords = np.stack([(d - _D_RANGE[0]) / step, (s - _S_RANGE[0]) / step])
+        return map_coordinates(grid, coords.reshape(2, -1), order=1, mode="nearest").reshape(s.shape)
 
 
-def _smooth_field(rng: np.random.Generator, sigma_mm: float) -> tuple[np.ndarray, float]:
+def _smooth_field(rng: np.random.Generator, sigma_mm: float, stretch: float = 1.0) -> tuple[np.ndarray, float]:
     step = sigma_mm / 2.5
     n_d = int(math.ceil((_D_RANGE[1] - _D_RANGE[0]) / step)) + 1
     n_s = int(math.ceil((_S_RANGE[1] - _S_RANGE[0]) / step)) + 1
     noise = rng.standard_normal((n_d, n_s))
-    smooth = gaussian_filter(noise, 2.5, mode="wrap")
+    smooth = gaussian_filter(noise, (2.5 * stretch, 2.5), mode="wrap")
     smooth /= smooth.std()
     return smooth.astype(np.float32), step
 
@@ -495,7 +517,7 @@ def tissue_fields(anatomy: Anatomy) -> TissueFields:
     return TissueFields(
         fine=_smooth_field(rng, 0.7),
         coarse=_smooth_field(rng, 2.5),
-        strands=_smooth_field(rng, 1.4),
+        strands=_smooth_field(rng, 1.0, stretch=3.0),
         wobble=_smooth_field(rng, 4.0),
     )
 
@@ -541,6 +563,15 @@ def lesion_point(lesion: Lesion, device: DeviceProfile, u: float, w: float) -> t
     return x, z
 
 
+def _box(s: np.ndarray, d: np.ndarray, cs: float, cd: float, reach: float) -> tuple[slice, slice] | None:
+    """Rows/columns of the separable grid (s (1, m), d (n, 1)) within ``reach`` of (cs, cd)."""
+    cols = np.flatnonzero(np.abs(s[0] - cs) <= reach)
+    rows = np.flatnonzero(np.abs(d[:, 0] - cd) <= reach)
+    if cols.size == 0 or rows.size == 0:
+        return None
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
 def _ellipse(s, d, cs, cd, a, b, tilt) -> np.ndarray:
     ds, dd = s - cs, d - cd
     c, sn = math.cos(tilt), math.sin(tilt)
@@ -556,22 +587,26 @@ def tissue_maps(
     z: np.ndarray,
     fields: TissueFields | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Echogenicity (dB), extra attenuation (dB/mm, one way) and lesion region at the given points.
+    """Echogenicity (dB), extra attenuation (dB/mm, one way) and lesion region on a grid of points.
 
-    ``s, d`` are tissue coordinates and ``x, z`` the matching physical coordinates (mm) for
-    ``device`` (see :mod:`bench.phantom.devices`). The baseline tissue attenuation is not
-    included (the acquisition adds it and the scanner's TGC compensates it).
+    ``s`` (1, m) and ``d`` (n, 1) are the tissue coordinates of a separable grid (every beam
+    grid is one: ``s`` depends on the scan line only, ``d`` on the sample only); ``x, z``
+    (n, m) are the matching physical coordinates (mm) for ``device`` (see
+    :mod:`bench.phantom.devices`). The baseline tissue attenuation is not included: the
+    acquisition adds it and the scanner's TGC compensates it. Returns float32 (n, m) maps
+    and the boolean lesion region.
     """
     t = anatomy.tissue
-    shape = np.shape(s)
-    alpha = np.zeros(shape)
+    s = np.asarray(s, dtype=np.float64).reshape(1, -1)
+    d = np.asarray(d, dtype=np.float64).reshape(-1, 1)
+    shape = (d.shape[0], s.shape[1])
+    alpha = np.zeros(shape, dtype=np.float32)
     if t.uniform:
-        return np.zeros(shape), alpha, np.zeros(shape, dtype=bool)
+        return np.zeros(shape, dtype=np.float32), alpha, np.zeros(shape, dtype=bool)
     fields = fields or tissue_fields(anatomy)
     fine = fields.sample("fine", s, d)
     coarse = fields.sample("coarse", s, d)
-    strands = fields.sample("strands", s, d)
-    fat_b = t.fat_bottom(s)
+    fat_b = t.fat_bottom(s)  # (1, m)
     gland_b = t.gland_bottom(s)
     muscle_t = gland_b + t.retro_mm
     muscle_b = muscle_t + t.muscle_mm
@@ -582,62 +617,80 @@ def tissue_maps(
     if in_muscle.any():
         wobble = fields.sample("wobble", s, d)
         ca, sa = math.cos(t.fibre_angle), math.sin(t.fibre_angle)
-        across = -s * sa + d * ca
+        across = (d * ca - s * sa).astype(np.float32)
         fibres = np.cos(2 * math.pi * across / t.fibre_period + 2.5 * wobble)
-        muscle = t.muscle_db + 1.0 * fine + 7.0 * np.clip(fibres - 0.55, 0.0, None)
-        echo = np.where(in_muscle, muscle, echo)
+        muscle = t.muscle_db + 1.0 * fine + 14.0 * np.clip(fibres - 0.6, 0.0, None)
+        echo[in_muscle] = muscle[in_muscle]
     fat_texture = t.fat_db + 1.5 * fine + 1.0 * coarse
-    echo = np.where((d >= gland_b) & (d < muscle_t), fat_texture, echo)
-    gland = t.gland_db + t.gland_texture_db * fine + 1.5 * coarse
-    gland = gland + 3.0 * (np.abs(strands - 0.9) < 0.12)
+    retro = (d >= gland_b) & (d < muscle_t)
+    echo[retro] = fat_texture[retro]
     in_gland = (d >= fat_b) & (d < gland_b)
-    echo = np.where(in_gland, gland, echo)
+    gland = t.gland_db + t.gland_texture_db * fine + 1.5 * coarse
+    echo[in_gland] = gland[in_gland]
     # Subcutaneous fat crossed by thin bright Cooper's ligaments (isolines of a smooth field).
-    ligaments = np.abs(strands) < 0.07
-    fat = np.where(ligaments, t.gland_db + 2.0, fat_texture)
-    echo = np.where((d >= t.skin_mm) & (d < fat_b), fat, echo)
-    echo = np.where((d >= 0) & (d < t.skin_mm), 2.0 + 1.0 * fine, echo)
-    echo = np.where((d >= 0) & (d < 0.35), 8.0, echo)  # skin entry echo
-    echo = np.where(np.abs(d - muscle_t) < 0.3, 5.0, echo)  # pectoral fascia
+    in_fat = (d >= t.skin_mm) & (d < fat_b)
+    if in_fat.any():
+        strands = fields.sample("strands", s, d, shear=t.ligament_shear)
+        fat = np.where(np.abs(strands) < 0.06, np.float32(t.gland_db + 2.0), fat_texture)
+        echo[in_fat] = fat[in_fat]
+    skin = np.broadcast_to((d >= 0) & (d < t.skin_mm), shape)
+    echo[skin] = 2.0 + fine[skin]
+    echo[np.broadcast_to((d >= 0) & (d < 0.35), shape)] = 8.0  # skin entry echo
+    echo[np.abs(d - muscle_t) < 0.3] = 5.0  # pectoral fascia
     for cs, cd, a, b, tilt, level in t.lobules:
-        inside = _ellipse(s, d, cs, cd, a, b, tilt) < 1.0
-        echo = np.where(inside & in_gland, level + 1.5 * fine, echo)
+        box = _box(s, d, cs, cd, max(a, b))
+        if box is not None:
+            inside = (_ellipse(s[:, box[1]], d[box[0]], cs, cd, a, b, tilt) < 1.0) & in_gland[box]
+            echo[box][inside] = level + 1.5 * fine[box][inside]
     for cs, cd, half_len, half_thick, tilt in t.ducts:
-        inside = _ellipse(s, d, cs, cd, half_len, half_thick, tilt) < 1.0
-        echo = np.where(inside & in_gland, -26.0, echo)
+        box = _box(s, d, cs, cd, max(half_len, half_thick))
+        if box is not None:
+            inside = (_ellipse(s[:, box[1]], d[box[0]], cs, cd, half_len, half_thick, tilt) < 1.0) & in_gland[box]
+            echo[box][inside] = -26.0
     for cs, cd, a, b in t.ribs:
-        q = _ellipse(s, d, cs, cd, a, b, 0.0)
-        bone = q < 1.0
-        surface = bone & (q > 0.72) & (d < cd)
-        echo = np.where(bone, np.where(surface, 14.0, -20.0), echo)
-        alpha = np.where(bone & ~surface, 9.0, alpha)
+        box = _box(s, d, cs, cd, max(a, b))
+        if box is not None:
+            q = _ellipse(s[:, box[1]], d[box[0]], cs, cd, a, b, 0.0)
+            bone = q < 1.0
+            surface = bone & (q > 0.8) & (d[box[0]] < cd)
+            echo[box][bone] = -20.0
+            echo[box][surface] = 10.0 + 2.0 * fine[box][surface]
+            alpha[box][bone & ~surface] = 9.0
     for cs, width, level in t.ligament_shadows:
         fb = float(t.fat_bottom(np.array(cs)))
-        spot = (np.abs(s - cs) < width / 2) & (np.abs(d - fb) < 1.0)
-        alpha = np.where(spot, -level / 4.0, alpha)
+        box = _box(s, d, cs, fb, max(width / 2, 1.0))
+        if box is not None:
+            spot = (np.abs(s[:, box[1]] - cs) < width / 2) & (np.abs(d[box[0]] - fb) < 1.0)
+            alpha[box][spot] = -level / 4.0
 
     lesion_mask = np.zeros(shape, dtype=bool)
     lesion = anatomy.lesion
     if lesion is not None:
         rho, u, w, near = lesion_region(lesion, device, x, z)
         lesion_mask = rho < 1.0
-        inner = lesion.echo_db + lesion.texture_db * coarse
+        tissue_echo = echo[near]
+        rho_n, u_n, w_n = rho[near], u[near], w[near]
+        inner = lesion.echo_db + lesion.texture_db * coarse[near]
         if lesion.echo_pattern == "complex cystic/solid":
-            inner = np.where(coarse > 0.2, -9.0 + 2.0 * fine, lesion.echo_db)
+            inner = np.where(coarse[near] > 0.2, -9.0 + 2.0 * fine[near], np.float32(lesion.echo_db))
         if lesion.margin_ramp > 0:
-            blend = 0.6 * np.clip((rho - (1.0 - lesion.margin_ramp)) / lesion.margin_ramp, 0.0, 1.0)
-            inner = inner + blend * (echo - 3.0 - inner)
+            blend = 0.6 * np.clip((rho_n - (1.0 - lesion.margin_ramp)) / lesion.margin_ramp, 0.0, 1.0)
+            inner = inner + blend * (tissue_echo - 3.0 - inner)
+        inside_n = rho_n < 1.0
+        new = np.where(inside_n, inner, tissue_echo)
         if lesion.halo_db > 0:
-            halo = (rho >= 1.0) & (rho < 1.0 + lesion.halo_width)
-            echo = np.where(halo, echo + lesion.halo_db, echo)
-        echo = np.where(lesion_mask, inner, echo)
-        height = 2.0 * lesion.half_height
+            halo = (rho_n >= 1.0) & (rho_n < 1.0 + lesion.halo_width)
+            new = np.where(halo, new + lesion.halo_db, new)
+        echo[near] = new
+        extra_n = np.zeros(rho_n.shape, dtype=np.float32)
         if lesion.posterior_db != 0:
-            extra = -lesion.posterior_db / (2.0 * height)
+            extra = -lesion.posterior_db / (2.0 * 2.0 * lesion.half_height)
             if lesion.posterior == "combined":
-                extra = np.where(u < 0, extra, -0.6 * extra)
-            alpha = np.where(lesion_mask, alpha + extra, alpha)
+                extra_n[inside_n] = np.where(u_n[inside_n] < 0, extra, -0.6 * extra)
+            else:
+                extra_n[inside_n] = extra
         if lesion.edge_shadow_db < 0:
-            edge = near & (rho >= 0.92) & (rho < 1.1) & (np.abs(w) < 0.35 * lesion.half_height)
-            alpha = np.where(edge, alpha - lesion.edge_shadow_db / (2.0 * 0.7 * lesion.half_height), alpha)
-    return echo, alpha, lesion_mask
+            edge = (rho_n >= 0.92) & (rho_n < 1.1) & (np.abs(w_n) < 0.35 * lesion.half_height)
+            extra_n[edge] -= lesion.edge_shadow_db / (2.0 * 0.7 * lesion.half_height)
+        alpha[near] += extra_n
+    return echo.astype(np.float32, copy=False), alpha, lesion_mask

@@ -59,8 +59,8 @@ def _effective_sigmas(device: DeviceProfile, lay: Layout) -> tuple[float, float]
     axial, lateral = device.psf_sigma_mm()
     # The scanner low-passes before resampling to display pixels: a PSF narrower than a
     # pixel shows as one-pixel grain, never finer.
-    axial = math.hypot(axial, 0.45 * lay.dz)
-    lateral = math.hypot(lateral, 0.45 * lay.dx)
+    axial = math.hypot(axial, 0.5 * lay.dz)
+    lateral = math.hypot(lateral, 0.5 * lay.dx)
     return axial, lateral
 
 
@@ -78,6 +78,9 @@ def _transfer(device: DeviceProfile, size: tuple[int, int] | None):
     shape = (scipy.fft.next_fast_len(n + 2 * pad_z), scipy.fft.next_fast_len(m + 2 * pad_x))
     kz = scipy.fft.fftfreq(shape[0], d=lay.dz)[:, None]
     kx = scipy.fft.fftfreq(shape[1], d=lay.dx)[None, :]
+    # Anti-aliasing taper to zero at the Nyquist frequency: a Gaussian cut off there would
+    # ring (cross-shaped side lobes around bright points after log compression).
+    taper = np.cos(0.5 * math.pi * np.abs(kz) * 2 * lay.dz) * np.cos(0.5 * math.pi * np.abs(kx) * 2 * lay.dx)
     filters = []
     for steer in device.compound_deg:
         b = math.radians(steer)
@@ -85,7 +88,7 @@ def _transfer(device: DeviceProfile, size: tuple[int, int] | None):
         kx_r = kz * math.sin(b) + kx * math.cos(b)
         pair = []
         for lateral in (sig_x, far_x):
-            h = np.exp(-2.0 * math.pi**2 * (sig_z**2 * kz_r**2 + lateral**2 * kx_r**2))
+            h = taper * np.exp(-2.0 * math.pi**2 * (sig_z**2 * kz_r**2 + lateral**2 * kx_r**2))
             h /= math.sqrt(float(np.mean(h**2)))  # unit gain on white noise
             pair.append(h.astype(np.complex64))
         filters.append(tuple(pair))

@@ -194,7 +194,7 @@ def render(
     )
     fields = None if anatomy.tissue.uniform else tissue_fields(anatomy)
     echo, alpha, lesion_beam = tissue_maps(
-        anatomy, device, lay.beam_s, lay.beam_d, lay.beam_x, lay.beam_z, fields=fields
+        anatomy, device, lay.beam_s[:1, :], lay.beam_d[:, :1], lay.beam_x, lay.beam_z, fields=fields
     )
     lesion = anatomy.lesion
     points = []

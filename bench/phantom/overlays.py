@@ -74,9 +74,8 @@ def draw_overlays(
     fx = max(right + 1, ruler_x - 3)
     if fx + 3 < width:
         draw.polygon([(fx, focus_row), (fx + 3, focus_row - 3), (fx + 3, focus_row + 3)], fill=text)
-    # Probe orientation mark at the top-left corner of the field of view.
-    if top >= 6:
-        draw.rectangle([left + 2, top - 5, left + 5, top - 2], fill=text)
+    # Probe orientation mark in the top-left corner of the field of view.
+    draw.rectangle([left + 3, top + 3, left + 6, top + 6], fill=text)
 
     if device.colorbar and left >= 10:
         bar_top, bar_bottom = top + 4, min(bottom - 4, top + (bottom - top) // 2)

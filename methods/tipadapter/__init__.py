@@ -1,0 +1,295 @@
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al., ECCV 2022; gaopengcuhk/Tip-Adapter ``main.py``, ``utils.py``).
+
+Cache model built from the support set:
+
+- keys ``K`` (n, D): for each support image, the L2-normalised MEAN of the (unnormalised)
+  frozen ``encode_image`` features of ``augment_views`` augmented views (official
+  ``build_cache_model``: ``augment_epoch: 10`` passes of RandomResizedCrop(scale 0.5-1) +
+  horizontal flip); the views come from :func:`bench.fewshot.augmented_embeds` (own cache,
+  not counted as backbone encodings);
+- values ``L`` (n, 3): one-hot labels;
+- query ``f``: the normalised plain cached embedding of the image;
+- ``logits = 100 f W^T + alpha exp(-beta (1 - f K^T)) L`` with ``W`` the zero-shot text
+  classifier (class names x templates, :func:`bench.fewshot.text_classifier`).
+
+**alpha / beta** (``search: true``): the official grid (``search_hp``: ``search_step``
+values from 0.1 up to ``search_scale``; ``beta_i = 0.1 + i (scale_b - 0.1) / step_b``,
+the same for alpha), scored by cross-validation ON THE SUPPORT SET ONLY, never on test
+data: Tip-Adapter uses exact leave-one-out (each support image queried with its own entry
+removed from the cache); Tip-Adapter-F uses stratified ``cv_folds``-fold CV (the keys are
+fine-tuned on the other folds, then the held-out fold is scored). The official code picks
+the first grid point with the best accuracy on a validation split; we pick the best
+accuracy and break ties by the lower mean cross-entropy, then by grid order. With fewer
+than 2 images in some class, no split is possible and ``init_alpha`` / ``init_beta`` are
+used.
+
+**Tip-Adapter-F**: the keys become a trainable ``Linear`` (weight initialised with ``K``, no
+re-normalisation, as official), trained with cross-entropy on the logits above at
+``init_alpha`` / ``init_beta``: AdamW (lr 1e-3, eps 1e-4, torch's default weight decay
+0.01), ``CosineAnnealingLR`` over ``epochs * batches`` stepped per batch, batch 256
+shuffled, 20 epochs (``configs/*.yaml``: ``lr: 0.001``, ``train_epoch: 20``; ImageNet / DTD
+/ FGVC). A FIXED epoch count: the official code keeps the epoch with the best TEST accuracy,
+which we never do. Each training epoch sees one augmented view per image (epoch ``e`` uses
+view ``e mod augment_views``; official: a fresh random augmentation per epoch).
+
+Default ``init_alpha: 2``, ``init_beta: 1``, ``search_scale: [13, 13]``,
+``search_step: [200, 20]`` are Tip-Adapter's ``configs/dtd.yaml`` (textures: the closest of the
+published configs to ultrasound speckle; ImageNet's is ``[7, 3]``, ``init_alpha 1.17``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench import fewshot
+from bench.errors import MethodError
+from bench.fewshot import FewShotClassifier, common_config
+from bench.method import MethodContext, SupportSet
+from bench.types import ImageItem
+
+
+def tip_logits(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    text_weights: torch.Tensor,
+    alpha: float,
+    beta: float,
+    clip_scale: float = 100.0,
+) -> torch.Tensor:
+    """``clip_scale * f W^T + alpha * exp(-beta * (1 - f K^T)) L`` for normalised queries ``f``.
+
+    ``keys`` (n, D), ``values`` (n, C) one-hot, ``text_weights`` (C, D) normalised.
+    """
+    affinity = queries @ keys.T
+    cache_logits = torch.exp(-beta * (1.0 - affinity)) @ values
+    return clip_scale * queries @ text_weights.T + alpha * cache_logits
+
+
+def search_grid(scale: float, steps: int) -> list[float]:
+    """The official grid: ``[0.1 + i * (scale - 0.1) / steps for i in range(steps)]``."""
+    return [i * (scale - 0.1) / steps + 0.1 for i in range(steps)]
+
+
+class GridScore:
+    """Accumulates correct counts and cross-entropy sums over a (beta, alpha) grid."""
+
+    def __init__(self, betas: Sequence[float], alphas: Sequence[float]) -> None:
+        self.betas = torch.tensor(list(betas), dtype=torch.float64)
+        self.alphas = torch.tensor(list(alphas), dtype=torch.float64)
+        self.correct = torch.zeros(len(betas), len(alphas), dtype=torch.float64)
+        self.loss = torch.zeros(len(betas), len(alphas), dtype=torch.float64)
+        self.count = 0
+
+    def add(self, clip_logits: torch.Tensor, affinity: torch.Tensor, values: torch.Tensor, labels: torch.Tensor,
+            mask: torch.Tensor | None = None) -> None:
+        """Score queries with ``clip_logits`` (m, C) and ``affinity`` (m, n) to a cache with ``values`` (n, C).
+
+        ``mask`` (m, n), when given, is 1 for cache entries a query may use (0 removes them).
+        """
+        clip_logits, affinity, values = clip_logits.double().cpu(), affinity.double().cpu(), values.double().cpu()
+        labels = labels.cpu()
+        weights = torch.exp(-self.betas[:, None, None] * (1.0 - affinity)[None])  # (B, m, n)
+        if mask is not None:
+            weights = weights * mask.double().cpu()[None]
+        cache = weights @ values  # (B, m, C)
+        logits = clip_logits[None, None] + self.alphas[None, :, None, None] * cache[:, None]  # (B, A, m, C)
+        self.correct += (logits.argmax(-1) == labels).double().sum(-1)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        picked = log_probs.gather(-1, labels.view(1, 1, -1, 1).expand(*logits.shape[:3], 1))[..., 0]
+        self.loss -= picked.sum(-1)
+        self.count += int(labels.numel())
+
+    def best(self) -> tuple[float, float, float]:
+        """(beta, alpha, accuracy): best accuracy, ties by lower cross-entropy, then grid order."""
+        acc = self.correct / max(self.count, 1)
+        top = acc == acc.max()
+        loss = torch.where(top, self.loss, torch.full_like(self.loss, float("inf")))
+        flat = int(torch.argmin(loss.flatten()))  # first minimum in beta-major grid order
+        b, a = divmod(flat, loss.shape[1])
+        return float(self.betas[b]), float(self.alphas[a]), float(acc[b, a])
+
+
+def stratified_folds(labels: np.ndarray, n_folds: int, generator: torch.Generator) -> list[np.ndarray]:
+    """Indices of ``n_folds`` folds; each class is shuffled and dealt round-robin over the folds."""
+    folds: list[list[int]] = [[] for _ in range(n_folds)]
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        order = members[torch.randperm(len(members), generator=generator).numpy()]
+        for j, index in enumerate(order):
+            folds[j % n_folds].append(int(index))
+    return [np.array(sorted(f), dtype=np.int64) for f in folds if f]
+
+
+class TipAdapter(FewShotClassifier):
+    """Training-free cache model over augmented support keys (alpha, beta by support-set LOO)."""
+
+    name = "tipadapter"
+    description = "Tip-Adapter: training-free cache model over augmented support features (CLIP few-shot)"
+    default_config: ClassVar[Mapping[str, Any]] = {
+        **common_config(),
+        "augment_views": 10,
+        "augment_seed": None,
+        "crop_scale": [0.5, 1.0],
+        "flip_p": 0.5,
+        "clip_logit_scale": 100.0,
+        "init_alpha": 2.0,
+        "init_beta": 1.0,
+        "search": True,
+        "search_scale": [13.0, 13.0],
+        "search_step": [200, 20],
+    }
+    trainable_keys: ClassVar[bool] = False
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        cfg = self.config
+        try:
+            self.n_views = int(cfg["augment_views"])
+            self.augmentation = fewshot.Augmentation(
+                scale=(float(cfg["crop_scale"][0]), float(cfg["crop_scale"][1])), flip_p=float(cfg["flip_p"])
+            )
+            self.clip_scale = float(cfg["clip_logit_scale"])
+            self.alpha, self.beta = float(cfg["init_alpha"]), float(cfg["init_beta"])
+            self.betas = search_grid(float(cfg["search_scale"][0]), int(cfg["search_step"][0]))
+            self.alphas = search_grid(float(cfg["search_scale"][1]), int(cfg["search_step"][1]))
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise MethodError(f"method {self.name!r}: invalid option ({exc})") from exc
+        if self.n_views < 1:
+            raise MethodError(f"method {self.name!r}: 'augment_views' must be >= 1")
+        seed = cfg["augment_seed"]
+        self.augment_seed = int(ctx.seed if seed is None else seed)
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.search_result: dict[str, float] = {}
+
+    # -- cache construction --------------------------------------------------------------
+    def support_views(self, support: SupportSet) -> torch.Tensor:
+        """(V, n, D) unnormalised augmented-view embeddings of the support images."""
+        views = fewshot.augmented_embeds(
+            self.ctx.backbone, support.items, self.n_views, self.augment_seed, self.augmentation
+        )
+        return views.float().to(self.device)
+
+    @staticmethod
+    def keys_from_views(views: torch.Tensor) -> torch.Tensor:
+        """Official keys: normalise(mean over views of the unnormalised features)."""
+        return F.normalize(views.mean(dim=0), dim=-1)
+
+    def fit(self, support: SupportSet) -> None:
+        labels = self.support_labels(support)
+        views = self.support_views(support)
+        queries = self.embeds(support.items)
+        values = fewshot.one_hot(labels, len(self.names))
+        text = self.text_weights()
+        keys = self.keys_from_views(views)
+        if self.config["search"]:
+            self.alpha, self.beta = self.search(queries, views, labels, values, text)
+        self.keys, self.values = self.train_keys(keys, views, labels, values, text, final=True), values
+        self._fitted = True
+
+    def train_keys(self, keys, views, labels, values, text, *, final: bool) -> torch.Tensor:  # noqa: ARG002
+        """Tip-Adapter keeps the keys as built (Tip-Adapter-F fine-tunes them)."""
+        return keys
+
+    # -- alpha / beta by cross-validation on the support set --------------------------------
+    def search(self, queries, views, labels, values, text) -> tuple[float, float]:
+        counts = np.bincount(labels.cpu().numpy(), minlength=len(self.names))
+        if counts.min() < 2:
+            self.search_result = {"skipped": 1.0}
+            return self.alpha, self.beta
+        grid = GridScore(self.betas, self.alphas)
+        clip_logits = self.clip_scale * queries @ text.T
+        keys = self.keys_from_views(views)
+        mask = 1.0 - torch.eye(len(queries), device=queries.device)  # leave one out
+        grid.add(clip_logits, queries @ keys.T, values, labels, mask)
+        beta, alpha, acc = grid.best()
+        self.search_result = {"beta": beta, "alpha": alpha, "cv_accuracy": acc}
+        return alpha, beta
+
+    # -- prediction ----------------------------------------------------------------------
+    def logits(self, items: Sequence[ImageItem]) -> torch.Tensor:
+        assert self.keys is not None and self.values is not None
+        queries = self.embeds(items)
+        return tip_logits(
+            queries, self.keys, self.values, self.text_weights(), self.alpha, self.beta, self.clip_scale
+        )
+
+
+class TipAdapterF(TipAdapter):
+    """Tip-Adapter with the cache keys fine-tuned (fixed epoch count, alpha/beta by support k-fold CV)."""
+
+    name = "tipadapter-f"
+    description = "Tip-Adapter-F: Tip-Adapter cache with fine-tuned keys (AdamW, cosine, 20 epochs)"
+    default_config: ClassVar[Mapping[str, Any]] = {
+        **TipAdapter.default_config,
+        "epochs": 20,
+        "lr": 0.001,
+        "eps": 1e-4,
+        "weight_decay": 0.01,
+        "batch_size": 256,
+        "cv_folds": 4,
+    }
+    trainable_keys = True
+
+    def train_keys(self, keys, views, labels, values, text, *, final: bool) -> torch.Tensor:
+        """Fine-tune the keys (as a bias-free Linear's weight) on augmented views; returns them detached."""
+        cfg = self.config
+        epochs, batch_size = int(cfg["epochs"]), int(cfg["batch_size"])
+        weight = torch.nn.Parameter(keys.detach().clone())
+        optimiser = torch.optim.AdamW(
+            [weight], lr=float(cfg["lr"]), eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"])
+        )
+        generator = fewshot.make_generator(self.ctx.seed)
+        train_views = F.normalize(views, dim=-1)
+        n = train_views.shape[1]
+        steps_per_epoch = len(fewshot.epoch_batches(n, batch_size, generator, shuffle=False, drop_last=False))
+        total, step = epochs * steps_per_epoch, 0
+        epoch_range = range(epochs)
+        rounds = self.ctx.track(epoch_range, "tip-adapter-f epochs") if final else epoch_range
+        for epoch in rounds:
+            feats = train_views[epoch % train_views.shape[0]]
+            for batch in fewshot.epoch_batches(n, batch_size, generator, drop_last=False):
+                fewshot.set_lr(optimiser, fewshot.cosine_lr(step, total, float(cfg["lr"])))
+                batch = batch.to(feats.device)
+                logits = tip_logits(
+                    feats[batch], weight, values, text, float(cfg["init_alpha"]), float(cfg["init_beta"]),
+                    self.clip_scale,
+                )
+                loss = F.cross_entropy(logits, labels[batch])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                step += 1
+        return weight.detach()
+
+    def search(self, queries, views, labels, values, text) -> tuple[float, float]:
+        labels_np = labels.cpu().numpy()
+        counts = np.bincount(labels_np, minlength=len(self.names))
+        n_folds = min(int(self.config["cv_folds"]), int(counts.min()))
+        if n_folds < 2:
+            self.search_result = {"skipped": 1.0}
+            return self.alpha, self.beta
+        generator = fewshot.make_generator(self.ctx.seed + 7919)
+        folds = stratified_folds(labels_np, n_folds, generator)
+        grid = GridScore(self.betas, self.alphas)
+        for held_out in self.ctx.track(folds, "tip-adapter-f cv folds"):
+            train = np.setdiff1d(np.arange(len(labels_np)), held_out)
+            tr = torch.as_tensor(train, device=queries.device)
+            ho = torch.as_tensor(held_out, device=queries.device)
+            keys = self.train_keys(
+                self.keys_from_views(views[:, tr]), views[:, tr], labels[tr], values[tr], text, final=False
+            )
+            q = queries[ho]
+            grid.add(self.clip_scale * q @ text.T, q @ keys.T, values[tr], labels[ho])
+        beta, alpha, acc = grid.best()
+        self.search_result = {"beta": beta, "alpha": alpha, "cv_accuracy": acc, "folds": float(len(folds))}
+        return alpha, beta
+
+
+METHODS = [TipAdapter, TipAdapterF]

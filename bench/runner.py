@@ -429,7 +429,9 @@ class Runner:
             if (self.config.save_maps and Task.LOCALIZE in tasks)
             else None
         )
-        pixels = PixelMetricAccumulator() if Task.LOCALIZE in tasks else None
+        pixels = (
+            PixelMetricAccumulator(expected_images=test.n_pixel_images) if Task.LOCALIZE in tasks else None
+        )
         batch = max(1, min(method.predict_batch_size, self.config.batch_size))
         starts = range(0, n, batch)
         start_time = time.perf_counter()

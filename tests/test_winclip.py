@@ -5,6 +5,7 @@ Each test names the bug it is there to catch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from methods.winclip.windows import (
     window_indices,
 )
 
-from conftest import cell_dirs, run_dir_of
+from conftest import SyntheticData, cell_dirs, run_dir_of
 
 EVAL_SIZE = 24
 TINY = "bench-tiny-vit"
@@ -288,7 +289,7 @@ def test_zero_shot_map_follows_window_scores(backbone: Backbone, monkeypatch: py
     expected = harmonic_combine([torch.full((1, 16), image), patch]).reshape(4, 4)
     torch.testing.assert_close(out.maps[0], expected)
     assert out.maps[0, 0, 0] == pytest.approx(2 / (1 / image + 1 / p_a), rel=1e-5)
-    assert out.maps[0, 1, 1] == pytest.approx(2 / (1 / image + 4 / (1 / p_a + 3 / p_n)), rel=1e-5)
+    assert out.maps[0, 1, 1] == pytest.approx(2 / (1 / image + (1 / p_a + 3 / p_n) / 4), rel=1e-5)
     assert out.maps[0, 3, 3] == pytest.approx(2 / (1 / image + 1 / p_n), rel=1e-5)
     assert out.maps[0, 0, 0] > out.maps[0, 1, 1] > out.maps[0, 3, 3]
 
@@ -303,6 +304,10 @@ def test_query_identical_to_a_reference_scores_zero(backbone: Backbone) -> None:
     method = make_method(backbone, WinCLIPFewShot)
     method.fit(normal_support(refs))
     assert method.n_references == 2
+    # anomalib's patch memory: last-block patch tokens after ln_post, NOT projected (width W)
+    raw = backbone.image_features(refs).patch_tokens[:, backbone.layers.index(backbone.depth - 1)]
+    expected_memory = F.normalize(backbone.visual.ln_post(raw), dim=-1).reshape(-1, backbone.width)
+    torch.testing.assert_close(method._patch_memory, expected_memory)
     out = method.analyse([refs[1], *make_items(1, seed=11)])
     assert out.few_shot_maps is not None
     torch.testing.assert_close(out.few_shot_maps[0], torch.zeros(4, 4), atol=1e-6, rtol=0)
@@ -395,13 +400,17 @@ def test_bad_options_are_refused(backbone: Backbone) -> None:
 # --------------------------------------------------------------------------- the grid
 
 
-def test_both_variants_run_in_the_grid(make_config: Callable[..., RunConfig]) -> None:
+def test_both_variants_run_in_the_grid(make_config: Callable[..., RunConfig], shared_data: SyntheticData) -> None:
     """winclip runs once per target (shots 0), winclip-fewshot once per (shots, seed, target)."""
-    config = make_config(methods="winclip,winclip-fewshot", shots="2", seeds="0")
-    run_grid(config, show_progress=False)
-    cells = cell_dirs(run_dir_of(config))
-    assert cells == {
-        f"{method}/{target}/{unit}"
-        for target in ("tgta", "tgtb")
-        for method, unit in (("winclip", "shots0_seed0"), ("winclip-fewshot", "shots2_seed0"))
+    target = shared_data.target_a
+    config = make_config(methods="winclip,winclip-fewshot", shots="2", seeds="0", targets=str(target.folder))
+    summary = run_grid(config, show_progress=False)
+    assert cell_dirs(run_dir_of(config)) == {
+        f"winclip/{target.name}/shots0_seed0",
+        f"winclip-fewshot/{target.name}/shots2_seed0",
     }
+    assert len(summary.cells_done) == 2
+    for cell in cell_dirs(run_dir_of(config)):
+        metrics = json.loads((run_dir_of(config) / cell / "cell.json").read_text())["metrics"]
+        assert {"image_auroc", "pixel_auroc", "pixel_ap"} <= set(metrics)
+        assert "class_auroc" not in metrics

@@ -172,8 +172,10 @@ def _write_layout(root: Path, device: DeviceProfile, spec: PhantomSpec) -> None:
         numbers[image.label] += 1
         stem = f"{image.label.value} ({numbers[image.label]})"
         folder = root / image.label.value
-        Image.fromarray(image.rgb, mode="RGB").save(folder / f"{stem}.png")
-        Image.fromarray(np.where(image.mask, 255, 0).astype(np.uint8), mode="L").save(folder / f"{stem}_mask.png")
+        # Speckle barely compresses: zlib level 1 is 4x faster than the default for ~10% more bytes.
+        Image.fromarray(image.rgb, mode="RGB").save(folder / f"{stem}.png", compress_level=1)
+        mask = np.where(image.mask, 255, 0).astype(np.uint8)
+        Image.fromarray(mask, mode="L").save(folder / f"{stem}_mask.png")
         records.append({"id": f"{image.label.value}/{stem}", **image.anatomy})
     info = {
         "generator": "bench.phantom",

@@ -25,6 +25,7 @@ on the harness's shared frozen backbone:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -46,6 +47,9 @@ from methods.winclip.windows import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Prompt-ensemble embeddings per backbone (frozen, so shared by every instance and fit unit).
+_TEXT_MEMO: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], torch.Tensor]] = weakref.WeakKeyDictionary()
 
 #: Few-shot patch-token variants: what is compared between query and reference patches.
 PATCH_FEATURES = ("ln_post", "projected", "raw")
@@ -149,8 +153,8 @@ class WinCLIP(Method):
             cfg = self.config
             rows = []
             for states in (cfg["normal_states"], cfg["anomalous_states"]):
-                prompts = prompt_ensemble(states, cfg["templates"], cfg["object"])
-                embeds = self.ctx.backbone.encode_text(prompts).float()
+                prompts = tuple(prompt_ensemble(states, cfg["templates"], cfg["object"]))
+                embeds = _prompt_embeddings(self.ctx.backbone, prompts)
                 if cfg["normalize_prompts"]:
                     embeds = F.normalize(embeds, dim=-1)
                 rows.append(embeds.mean(dim=0))
@@ -187,6 +191,14 @@ class WinCLIP(Method):
             scores=out.scores.cpu().numpy().astype(np.float64),
             maps=maps.cpu().numpy().astype(np.float32),
         )
+
+
+def _prompt_embeddings(backbone: Any, prompts: tuple[str, ...]) -> torch.Tensor:
+    """(n, D) raw text embeddings of ``prompts``, computed once per backbone object."""
+    memo = _TEXT_MEMO.setdefault(backbone, {})
+    if prompts not in memo:
+        memo[prompts] = backbone.encode_text(list(prompts)).float()
+    return memo[prompts]
 
 
 class WinCLIPFewShot(WinCLIP):

@@ -196,7 +196,7 @@ class WindowEncoder:
         cls = visual.class_embedding.to(x.dtype).reshape(1, 1, -1).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
         x = visual.patch_dropout(x)  # identity in eval mode
-        return visual.ln_pre(x)  # per token: commutes with the window gather
+        return x  # per token: commutes with the window gather
 
     def _class_embedding(self, sequences: torch.Tensor) -> torch.Tensor:
         """(n, L, W) token sequences (class token first) -> (n, D) projected class embeddings."""

@@ -1,0 +1,134 @@
+"""CLIP-Adapter (Gao et al., IJCV 2024; gaopengcuhk/CLIP-Adapter ``clip_adapter.py``), visual adapter.
+
+- Adapter ``A``: ``Linear(c, c/4, bias=False) - ReLU - Linear(c/4, c, bias=False) - ReLU``
+  (``Adapter(c_in, reduction=4)``), c = the embedding width.
+- Residual blend on the frozen (unnormalised) image feature: ``f' = ratio * A(f) + (1 - ratio) * f``
+  with ``ratio = 0.2`` (option ``ratio``).
+- ``logits = logit_scale * cos(f', t_c)`` with CLIP's ``logit_scale.exp()`` and the frozen
+  hand-crafted text classifier (official: one template per dataset; here ``class_names`` x
+  ``templates``, averaged when several), cross-entropy. Only the adapter learns.
+
+Schedule: the official repository ships only the trainer and says to run it with CoOp's
+Dassl configs and commands, so it inherits CoOp's (``configs/trainers/CoOp/vit_b16*.yaml``,
+``COOP.md``): SGD lr 0.002, momentum 0.9, weight decay 5e-4, batch 32 (Dassl sampler and
+drop-last rule), cosine per epoch after 1 warm-up epoch at constant 1e-5, 50 / 100 / 200
+epochs for 1 / 2-4 / 8-16 shots (``epochs`` option; fixed count, last epoch used). The
+adapter's initial weights are torch's default ``nn.Linear`` init under the fit seed.
+
+Differences forced by the harness: frozen cached features of the whole image instead of a
+fresh random-resized crop per iteration (``train_views: N`` trains on N cached augmented
+views instead); fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import fewshot
+from bench.errors import MethodError
+from bench.fewshot import FewShotClassifier, common_config
+from bench.method import MethodContext, SupportSet
+from bench.types import ImageItem
+
+
+class Adapter(nn.Sequential):
+    """``Linear(c, c // reduction, no bias) - ReLU - Linear(c // reduction, c, no bias) - ReLU``."""
+
+    def __init__(self, dim: int, reduction: int = 4) -> None:
+        hidden = max(1, dim // reduction)
+        super().__init__(
+            nn.Linear(dim, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, dim, bias=False), nn.ReLU()
+        )
+
+
+def blend(features: torch.Tensor, adapter: nn.Module, ratio: float) -> torch.Tensor:
+    """Residual feature blending ``ratio * A(f) + (1 - ratio) * f`` (before normalisation)."""
+    return ratio * adapter(features) + (1.0 - ratio) * features
+
+
+class CLIPAdapter(FewShotClassifier):
+    name = "clipadapter"
+    description = "CLIP-Adapter: residual bottleneck MLP on the frozen image feature (ratio 0.2)"
+    default_config: ClassVar[Mapping[str, Any]] = {
+        **common_config(),
+        "ratio": 0.2,
+        "reduction": 4,
+        "epochs": None,
+        "batch_size": 32,
+        "lr": 0.002,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "warmup_epochs": 1,
+        "warmup_lr": 1e-5,
+        "train_views": 0,
+        "logit_scale": None,
+    }
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        cfg = self.config
+        try:
+            self.ratio = float(cfg["ratio"])
+            self.epochs = int(cfg["epochs"]) if cfg["epochs"] is not None else fewshot.coop_epochs(ctx.shots)
+            self.batch_size = int(cfg["batch_size"])
+        except (TypeError, ValueError) as exc:
+            raise MethodError(f"method {self.name!r}: invalid option ({exc})") from exc
+        if not 0.0 <= self.ratio <= 1.0:
+            raise MethodError(f"method {self.name!r}: 'ratio' must be in [0, 1]")
+        self.adapter: Adapter | None = None
+
+    def logit_scale(self) -> float:
+        value = self.config["logit_scale"]
+        if value is not None:
+            return float(value)
+        return float(self.ctx.backbone.model.logit_scale.detach().exp().item())
+
+    def class_logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """Logits of UNNORMALISED frozen features ``raw`` (B, D)."""
+        assert self.adapter is not None
+        adapted = F.normalize(blend(raw, self.adapter, self.ratio), dim=-1)
+        return self._scale * adapted @ self.text_weights().T
+
+    def fit(self, support: SupportSet) -> None:
+        cfg = self.config
+        labels = self.support_labels(support)
+        views = self.training_views(support, int(cfg["train_views"]), normalise=False)
+        self._scale = self.logit_scale()
+        with fewshot.seeded(self.ctx.seed):
+            self.adapter = Adapter(views[0].shape[1], int(cfg["reduction"])).to(self.device)
+        optimiser = torch.optim.SGD(
+            self.adapter.parameters(),
+            lr=float(cfg["lr"]),
+            momentum=float(cfg["momentum"]),
+            weight_decay=float(cfg["weight_decay"]),
+        )
+        generator = fewshot.make_generator(self.ctx.seed)
+        n = len(labels)
+        self.adapter.train()
+        for epoch in self.ctx.track(range(self.epochs), "clip-adapter epochs"):
+            fewshot.set_lr(
+                optimiser,
+                fewshot.warmup_cosine_lr(
+                    epoch, self.epochs, float(cfg["lr"]), int(cfg["warmup_epochs"]), float(cfg["warmup_lr"])
+                ),
+            )
+            feats = views[epoch % len(views)]
+            for batch in fewshot.epoch_batches(n, self.batch_size, generator):
+                batch = batch.to(feats.device)
+                loss = F.cross_entropy(self.class_logits(feats[batch]), labels[batch])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        self.adapter.eval()
+        self._fitted = True
+
+    def logits(self, items: Sequence[ImageItem]) -> torch.Tensor:
+        return self.class_logits(self.embeds(items, normalise=False))
+
+
+METHODS = [CLIPAdapter]

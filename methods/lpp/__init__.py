@@ -1,0 +1,142 @@
+"""LP++ (Huang, Shakeri, Dolz, Boudiaf, Bahig, Ben Ayed; CVPR 2024), linear probe blended with text.
+
+Reimplemented from FereshteShakeri/FewShot-CLIP-Strong-Baseline ``methods/linear_probe_p2.py``
+(``LinearProbe_P2``), ``methods/utils.py`` and ``configs/base.yaml``:
+
+- features ``f`` L2-normalised (N support images), text weights ``t_c`` the normalised
+  zero-shot classifier (``class_names`` x ``templates``);
+- ``logits = W f + b + alpha_c (f . t_c)`` (no x100);
+- ``W`` initialised with the per-class feature SUMS (``compute_centroids``: the division by
+  the class count is commented out in the official code); ``b`` keeps ``nn.Linear``'s
+  default uniform(+-1/sqrt(D)) init (under the fit seed);
+- ``alpha`` initialised to ONE value for all classes: ``250 * mean over (c, k) of
+  mean_{i in class c} (f_i . t_k)`` (``calculate_init_alpha``: class means of the text
+  logits, times shots, times 250 / shots, then the mean of the C x C matrix);
+- step sizes from the data (``calculate_lr_w``, ``calculate_lr_alpha``):
+  ``lr_W = 4 N / lambda_max(F^T F)`` (largest eigenvalue, ``scipy.linalg.eigh``) and
+  ``lr_alpha = N / (4 max_k sum_i (f_i . t_k)^2)``;
+- full-batch training, 300 epochs (``train_epoch: 300`` for the linear probes): every
+  epoch one SGD step (momentum 0.9, no weight decay) on ``W, b`` with ``lr_W``; every 10th
+  epoch ``alpha -= lr_alpha * alpha.grad``. The official code never zeroes ``alpha.grad``, so
+  that gradient is the SUM of the gradients of all epochs so far; we do the same
+  (``reset_alpha_grad: true`` uses only the last 10 epochs' sum instead).
+
+Differences: a fixed epoch count (the official loop reports the test accuracy at the epoch
+with the best accuracy on a labelled validation split, which we do not have); fp32 (the
+official classifier runs in CLIP's fp16); frozen cached features of the whole image
+(official: one random-resized-crop view per image, which ``train_views: 1`` reproduces).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+from bench import fewshot
+from bench.errors import MethodError
+from bench.fewshot import FewShotClassifier, common_config
+from bench.method import MethodContext, SupportSet
+from bench.types import ImageItem
+
+
+def class_sums(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(C, D) per-class sums of ``features`` (official ``compute_centroids``)."""
+    return fewshot.one_hot(labels, n_classes).T @ features
+
+
+def init_alpha(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: float = 250.0) -> float:
+    """``scale`` x the mean over (c, k) of the class-c mean of ``f . t_k`` (official ``calculate_init_alpha``)."""
+    logits = features.double() @ text.double().T  # (N, C)
+    onehot = fewshot.one_hot(labels, text.shape[0]).double()
+    class_means = (onehot.T @ logits) / onehot.sum(0)[:, None]  # (C, C)
+    return float(scale * class_means.mean())
+
+
+def lr_weights(features: torch.Tensor) -> float:
+    """``4 N / lambda_max(F^T F)`` (official ``calculate_lr_w``)."""
+    f = features.detach().double().cpu().numpy()
+    eigenvalues = scipy.linalg.eigh(f.T @ f, eigvals_only=True)
+    return float(4 * f.shape[0] / eigenvalues.max())
+
+
+def lr_alpha(features: torch.Tensor, text: torch.Tensor) -> float:
+    """``N / (4 max_k sum_i (f_i . t_k)^2)`` (official ``calculate_lr_alpha``)."""
+    logits = features.double() @ text.double().T
+    return float(features.shape[0] / (4.0 * (logits**2).sum(0).max()))
+
+
+def lpp_logits(
+    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, text: torch.Tensor
+) -> torch.Tensor:
+    """``W f + b + alpha_c (f . t_c)`` for normalised ``features`` (N, D)."""
+    return features @ weight.T + bias + alpha * (features @ text.T)
+
+
+class LPPlusPlus(FewShotClassifier):
+    name = "lpp"
+    description = "LP++: linear probe blended with text weights, data-driven step sizes (300 full-batch epochs)"
+    default_config: ClassVar[Mapping[str, Any]] = {
+        **common_config(),
+        "epochs": 300,
+        "momentum": 0.9,
+        "alpha_every": 10,
+        "alpha_init_scale": 250.0,
+        "reset_alpha_grad": False,
+        "train_views": 0,
+    }
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        try:
+            self.epochs = int(self.config["epochs"])
+            self.alpha_every = int(self.config["alpha_every"])
+        except (TypeError, ValueError) as exc:
+            raise MethodError(f"method {self.name!r}: invalid option ({exc})") from exc
+        if self.epochs < 1 or self.alpha_every < 1:
+            raise MethodError(f"method {self.name!r}: 'epochs' and 'alpha_every' must be >= 1")
+        self.state: dict[str, float] = {}
+
+    def fit(self, support: SupportSet) -> None:
+        cfg = self.config
+        labels = self.support_labels(support)
+        views = self.training_views(support, int(cfg["train_views"]))
+        features = views[0]  # LP++ extracts the training features once
+        text = self.text_weights()
+        n_classes, dim = text.shape
+
+        weight = torch.nn.Parameter(class_sums(features, labels, n_classes))
+        bound = 1.0 / math.sqrt(dim)
+        generator = fewshot.make_generator(self.ctx.seed)
+        bias = torch.nn.Parameter(
+            (torch.rand(n_classes, generator=generator) * 2 * bound - bound).to(self.device)
+        )
+        alpha0 = init_alpha(features, labels, text, float(cfg["alpha_init_scale"]))
+        alpha = torch.full((n_classes,), alpha0, device=self.device, requires_grad=True)
+        step_w = lr_weights(features)
+        step_alpha = lr_alpha(features, text)
+        self.state = {"alpha_init": alpha0, "lr_w": step_w, "lr_alpha": step_alpha}
+
+        optimiser = torch.optim.SGD([weight, bias], lr=step_w, momentum=float(cfg["momentum"]))
+        for epoch in self.ctx.track(range(self.epochs), "lp++ epochs"):
+            loss = F.cross_entropy(lpp_logits(features, weight, bias, alpha, text), labels)
+            optimiser.zero_grad()  # W and b only: alpha's gradient accumulates, as in the official code
+            loss.backward()
+            optimiser.step()
+            if (epoch + 1) % self.alpha_every == 0:
+                with torch.no_grad():
+                    alpha -= step_alpha * alpha.grad
+                if cfg["reset_alpha_grad"]:
+                    alpha.grad = None
+        self.weight, self.bias, self.alpha = weight.detach(), bias.detach(), alpha.detach()
+        self._fitted = True
+
+    def logits(self, items: Sequence[ImageItem]) -> torch.Tensor:
+        return lpp_logits(self.embeds(items), self.weight, self.bias, self.alpha, self.text_weights())
+
+
+METHODS = [LPPlusPlus]

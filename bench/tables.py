@@ -519,6 +519,11 @@ def _resolve_paper_targets(paper_targets: Mapping[str, str] | None) -> dict[str,
     return mapping
 
 
+def _blank_cell() -> dict[str, Any]:
+    """A table cell with nothing in it (status blank, no statistics)."""
+    return {"status": STATUS_BLANK, "mean": math.nan, "std": math.nan, "n": math.nan, "seeds": ""}
+
+
 def _stats(values: Sequence[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=float) * 100.0
     mean = float(arr.mean())
@@ -622,13 +627,7 @@ class _BlockBuilder:
 
     # -- cells ---------------------------------------------------------------------------------
     def _our_cell(self, row: Row, column: Column, metric: str) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "status": STATUS_BLANK,
-            "mean": math.nan,
-            "std": math.nan,
-            "n": math.nan,
-            "seeds": "",
-        }
+        out = _blank_cell()
         if column.target is None:
             return out
         task = METRIC_TASK.get(metric)
@@ -654,13 +653,7 @@ class _BlockBuilder:
 
     @staticmethod
     def _paper_cell(row: Row, column: Column, metric: str, paper_table: PaperTable) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "status": STATUS_BLANK,
-            "mean": math.nan,
-            "std": math.nan,
-            "n": math.nan,
-            "seeds": "",
-        }
+        out = _blank_cell()
         if column.paper_dataset is None:
             return out
         reported, value = paper_table.methods[row.method].lookup(column.paper_dataset, column.shots, metric)

@@ -14,6 +14,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SyntheticData, cell_dirs, run_dir_of
 
 from bench.backbone import Backbone, BackboneSpec, load_backbone
 from bench.config import RunConfig
@@ -35,8 +36,6 @@ from methods.winclip.windows import (
     window_indices,
 )
 
-from conftest import SyntheticData, cell_dirs, run_dir_of
-
 EVAL_SIZE = 24
 TINY = "bench-tiny-vit"
 
@@ -52,7 +51,9 @@ def make_items(n: int, seed: int = 0, prefix: str = "wc") -> list[ImageItem]:
 
 def normal_support(items: list[ImageItem]) -> SupportSet:
     n = len(items)
-    return SupportSet(tuple(items), np.zeros(n, dtype=np.int64), np.zeros((n, EVAL_SIZE, EVAL_SIZE), np.float32))
+    return SupportSet(
+        tuple(items), np.zeros(n, dtype=np.int64), np.zeros((n, EVAL_SIZE, EVAL_SIZE), np.float32)
+    )
 
 
 def new_backbone(cache_dir: Path, layers: tuple[int, ...] | None = None) -> Backbone:
@@ -85,7 +86,7 @@ def preprocessed(backbone: Backbone, items: list[ImageItem]) -> torch.Tensor:
 
 
 def test_registration_and_options() -> None:
-    assert METHODS == [WinCLIP, WinCLIPFewShot]
+    assert [WinCLIP, WinCLIPFewShot] == METHODS
     assert (WinCLIP.name, WinCLIPFewShot.name) == ("winclip", "winclip-fewshot")
     for cls in METHODS:
         assert cls.tasks == frozenset({Task.DETECT, Task.LOCALIZE})  # no 3-class output
@@ -128,7 +129,12 @@ def test_window_indices_on_a_4x4_grid() -> None:
         [5, 6, 7, 9, 10, 11, 13, 14, 15],
     ]
     assert window_indices((4, 4), 4).tolist() == [list(range(16))]
-    assert window_indices((4, 4), 2, stride=2).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    assert window_indices((4, 4), 2, stride=2).tolist() == [
+        [0, 1, 4, 5],
+        [2, 3, 6, 7],
+        [8, 9, 12, 13],
+        [10, 11, 14, 15],
+    ]
 
 
 def test_window_indices_on_a_non_square_grid() -> None:
@@ -184,7 +190,9 @@ def test_harmonic_combine_and_association_hand_computed() -> None:
     torch.testing.assert_close(harmonic_combine(maps), torch.tensor([[3 / 7, 0.0]]))
     queries = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     memory = torch.tensor([[-1.0, 0.0], [0.6, 0.8]])
-    torch.testing.assert_close(association_scores(queries, memory), torch.tensor([[(1 - 0.6) / 2, (1 - 0.8) / 2]]))
+    torch.testing.assert_close(
+        association_scores(queries, memory), torch.tensor([[(1 - 0.6) / 2, (1 - 0.8) / 2]])
+    )
 
 
 # --------------------------------------------------------------------------- window embeddings
@@ -226,7 +234,8 @@ def test_window_features_are_cached_per_image(tmp_path: Path) -> None:
     assert encoder.n_encoded == 3
     warm_encoder = WindowEncoder(backbone, [2, 3])
     warm = warm_encoder.encode(items + items[:1])
-    assert warm_encoder.n_encoded == 0 and warm_encoder.cache.stats().hits == 3  # duplicate key looked up once
+    # a key repeated in one call is looked up once
+    assert warm_encoder.n_encoded == 0 and warm_encoder.cache.stats().hits == 3
     for a, b in zip(cold.windows, warm.windows, strict=True):
         assert torch.equal(a, b[:3]) and torch.equal(a[0], b[3])
     assert [w.shape for w in cold.windows] == [(3, 9, backbone.embed_dim), (3, 4, backbone.embed_dim)]
@@ -262,7 +271,9 @@ def test_whole_image_window_equals_plain_clip_zero_shot(backbone: Backbone) -> N
         image = F.normalize(backbone.model.encode_image(preprocessed(backbone, items)), dim=-1)
         text = torch.stack(
             [
-                backbone.model.encode_text(tokenizer(prompt_ensemble(s, TEMPLATES, "breast ultrasound image"))).mean(0)
+                backbone.model.encode_text(
+                    tokenizer(prompt_ensemble(s, TEMPLATES, "breast ultrasound image"))
+                ).mean(0)
                 for s in (NORMAL_STATES, ANOMALOUS_STATES)
             ]
         )
@@ -367,7 +378,8 @@ def test_outputs_shapes_ranges_and_determinism(cls: type[WinCLIP], tmp_path: Pat
         method = make_method(backbone, cls)
         method.fit(normal_support(refs))
         predictions.append(method.predict(items))
-        assert method.encoder.n_encoded == (0 if len(predictions) == 2 else len(items) + (cls is WinCLIPFewShot) * 2)
+        cold = len(items) + (len(refs) if cls is WinCLIPFewShot else 0)
+        assert method.encoder.n_encoded == (cold if len(predictions) == 1 else 0)
     first, second = predictions
     assert first.probs is None
     assert first.scores.shape == (5,) and first.scores.dtype == np.float64
@@ -400,7 +412,9 @@ def test_bad_options_are_refused(backbone: Backbone) -> None:
 # --------------------------------------------------------------------------- the grid
 
 
-def test_both_variants_run_in_the_grid(make_config: Callable[..., RunConfig], shared_data: SyntheticData) -> None:
+def test_both_variants_run_in_the_grid(
+    make_config: Callable[..., RunConfig], shared_data: SyntheticData
+) -> None:
     """winclip runs once per target (shots 0), winclip-fewshot once per (shots, seed, target)."""
     target = shared_data.target_a
     config = make_config(methods="winclip,winclip-fewshot", shots="2", seeds="0", targets=str(target.folder))

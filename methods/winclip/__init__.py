@@ -124,7 +124,9 @@ class WinCLIP(Method):
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in scales)
             or len(set(scales)) != len(scales)
         ):
-            raise MethodError(f"method {self.name!r}: 'scales' must be distinct positive integers, got {scales!r}")
+            raise MethodError(
+                f"method {self.name!r}: 'scales' must be distinct positive integers, got {scales!r}"
+            )
         if not isinstance(cfg["stride"], int) or cfg["stride"] < 1:
             raise MethodError(f"method {self.name!r}: 'stride' must be a positive integer")
         if not isinstance(cfg["batch_tokens"], int) or cfg["batch_tokens"] < 1:
@@ -161,7 +163,9 @@ class WinCLIP(Method):
             self._text = torch.stack(rows)
         return self._text
 
-    def _zero_shot(self, embeds: torch.Tensor, windows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _zero_shot(
+        self, embeds: torch.Tensor, windows: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) and zero-shot maps (B, gh, gw)."""
         text = self.text.to(embeds.device)
         scores = anomaly_probability(embeds, text, self.temperature)
@@ -185,7 +189,9 @@ class WinCLIP(Method):
     def predict(self, items: Sequence[ImageItem]) -> Prediction:
         out = self.analyse(items)
         size = self.ctx.eval_size
-        maps = F.interpolate(out.maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
+        maps = F.interpolate(
+            out.maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False
+        )
         maps = maps[:, 0].clamp_(0.0, 1.0)
         return Prediction(
             scores=out.scores.cpu().numpy().astype(np.float64),
@@ -225,7 +231,7 @@ class WinCLIPFewShot(WinCLIP):
         self._window_memory: list[torch.Tensor] | None = None
         self.n_references = 0
 
-    def _final_patch_features(self, items: Sequence[ImageItem], features: Any, windows: Any) -> torch.Tensor:
+    def _final_patch_features(self, features: Any, windows: Any) -> torch.Tensor:
         """(B, N, C) L2-normalised last-block patch features as chosen by ``patch_features``."""
         backbone = self.ctx.backbone
         if windows.final_patches is not None:
@@ -251,9 +257,11 @@ class WinCLIPFewShot(WinCLIP):
         with torch.no_grad():
             features = self.ctx.backbone.image_features(items)
             windows = self.encoder.encode(items)
-            patches = self._final_patch_features(items, features, windows)
+            patches = self._final_patch_features(features, windows)
             self._patch_memory = patches.reshape(-1, patches.shape[-1])
-            self._window_memory = [F.normalize(w.float(), dim=-1).reshape(-1, w.shape[-1]) for w in windows.windows]
+            self._window_memory = [
+                F.normalize(w.float(), dim=-1).reshape(-1, w.shape[-1]) for w in windows.windows
+            ]
         self.n_references = len(items)
         log.debug("%s: %d normal reference images", self.name, self.n_references)
 
@@ -267,7 +275,7 @@ class WinCLIPFewShot(WinCLIP):
             windows = self.encoder.encode(items)
             zs_scores, zs_maps = self._zero_shot(features.embeds, windows.windows)
 
-            patches = self._final_patch_features(items, features, windows)
+            patches = self._final_patch_features(features, windows)
             few_shot = [association_scores(patches, self._patch_memory.to(patches.device))]
             for window_embeds, memory, coverage in zip(
                 windows.windows, self._window_memory, self.encoder.coverages, strict=True

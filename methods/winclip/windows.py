@@ -180,7 +180,7 @@ class WindowEncoder:
                 "stride": self.stride,
                 "n_windows": list(self.n_windows),
                 "final_patch_tokens": self.store_final_patches,
-                "layout": "flat: windows per scale (n_windows_s, D) | final-block patch tokens (N, W) if stored",
+                "layout": "flat: per scale windows (n_w, D) | last-block patch tokens (N, W) if stored",
             }
         )
         self.cache = FeatureCache(backbone.cache.root / CACHE_SUBDIR, config, length)
@@ -196,7 +196,7 @@ class WindowEncoder:
         cls = visual.class_embedding.to(x.dtype).reshape(1, 1, -1).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
         x = visual.patch_dropout(x)  # identity in eval mode
-        return x  # per token: commutes with the window gather
+        return visual.ln_pre(x)  # per token: commutes with the window gather
 
     def _class_embedding(self, sequences: torch.Tensor) -> torch.Tensor:
         """(n, L, W) token sequences (class token first) -> (n, D) projected class embeddings."""
@@ -213,18 +213,20 @@ class WindowEncoder:
         device = self.backbone.device
         with torch.inference_mode():
             tokens = self._tokens(images.to(device, dtype=torch.float32))
-            batch, _, width = tokens.shape
+            batch = int(tokens.shape[0])
             outputs = []
             for windows in self.windows:
-                cls_index = torch.zeros(windows.shape[0], 1, dtype=torch.long)
+                n_windows = int(windows.shape[0])
+                cls_index = torch.zeros(n_windows, 1, dtype=torch.long)
                 seq_index = torch.cat([cls_index, windows + 1], dim=1).to(device)  # (n_w, L)
-                length = int(seq_index.shape[1])
-                sequences = tokens[:, seq_index].reshape(-1, length, width)
-                step = max(1, self.batch_tokens // length)
-                embeds = torch.cat(
-                    [self._class_embedding(sequences[i : i + step]) for i in range(0, sequences.shape[0], step)]
-                )
-                outputs.append(embeds.reshape(batch, windows.shape[0], -1).float())
+                step = max(1, self.batch_tokens // int(seq_index.shape[1]))
+                chunks = []
+                # (image, window) pairs in image-major order, gathered one chunk at a time
+                for start in range(0, batch * n_windows, step):
+                    pairs = torch.arange(start, min(start + step, batch * n_windows), device=device)
+                    image, window = pairs // n_windows, pairs % n_windows
+                    chunks.append(self._class_embedding(tokens[image[:, None], seq_index[window]]))
+                outputs.append(torch.cat(chunks).reshape(batch, n_windows, -1).float())
             final = None
             if self.store_final_patches:
                 final = self.backbone.visual.transformer(tokens)[:, 1:].float()
@@ -234,6 +236,13 @@ class WindowEncoder:
     def encode(self, items: Sequence[ImageItem]) -> WindowFeatures:
         """Window features of ``items`` (cached on disk; only misses are computed, in batches)."""
         items = list(items)
+        d, n, width = self.backbone.embed_dim, self.backbone.n_patches, self.backbone.width
+        if not items:
+            device = self.backbone.device
+            empty = tuple(torch.empty(0, count, d, device=device) for count in self.n_windows)
+            return WindowFeatures(
+                empty, torch.empty(0, n, width, device=device) if self.store_final_patches else None
+            )
         rows: dict[str, np.ndarray] = {}
         todo: dict[str, ImageItem] = {}
         for item in items:
@@ -262,7 +271,6 @@ class WindowEncoder:
 
         stacked = np.stack([np.asarray(rows[item.key], dtype=np.float32) for item in items])
         tensor = torch.from_numpy(stacked).to(self.backbone.device)
-        d, n, width = self.backbone.embed_dim, self.backbone.n_patches, self.backbone.width
         out, offset = [], 0
         for count in self.n_windows:
             out.append(tensor[:, offset : offset + count * d].reshape(len(items), count, d))

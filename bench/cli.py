@@ -219,7 +219,7 @@ def datasets_command(
     ] = None,
 ) -> None:
     """Describe a dataset: counts per class, masks present, size range and problems found."""
-    from bench.data import NAMED_DATASETS, default_data_root, describe_dataset, resolve_dataset
+    from bench.data import NAMED_DATASETS, dataset_names, default_data_root, describe_dataset, resolve_dataset
 
     root = Path(data_root) if data_root else default_data_root()
     if dataset is None:
@@ -229,6 +229,9 @@ def datasets_command(
         table.add_column("present")
         for key, rel in NAMED_DATASETS.items():
             table.add_row(key, escape(str(root / rel)), "yes" if (root / rel).exists() else "no")
+        for key in dataset_names():
+            if key not in NAMED_DATASETS:
+                table.add_row(f"{key}[:<device>]", "(generated, no files needed)", "yes")
         console.print(table)
         console.print("Describe one with `bench datasets NAME` (or a path to a manifest or folder).")
         return
@@ -245,6 +248,68 @@ def datasets_command(
             console.print(f"  - {escape(problem)}", highlight=False)
     else:
         console.print("no problems found")
+
+
+phantom_app = typer.Typer(
+    help="The built-in B-mode breast-ultrasound phantom (default dataset).", no_args_is_help=True
+)
+app.add_typer(phantom_app, name="phantom")
+
+
+@phantom_app.command("devices")
+@_friendly_errors
+def phantom_devices() -> None:
+    """List the simulated ultrasound devices and their acquisition settings."""
+    from bench.phantom import DEVICES
+
+    table = Table(title="simulated devices (use as phantom:<name>)")
+    table.add_column("name", style="bold")
+    table.add_column("geometry")
+    table.add_column("image (W x H)")
+    table.add_column("centre frequency")
+    table.add_column("description")
+    for name, device in DEVICES.items():
+        width, height = device.image_size
+        table.add_row(
+            name,
+            device.geometry,
+            f"{width} x {height}",
+            f"{device.frequency_mhz:g} MHz",
+            escape(device.description),
+        )
+    console.print(table)
+
+
+@phantom_app.command("export")
+@_friendly_errors
+def phantom_export(
+    out_dir: Annotated[
+        Path, typer.Argument(help="new (or empty) folder to write the BUSI-layout dataset into")
+    ],
+    device: Annotated[str, typer.Option(help="simulated device (see `bench phantom devices`)")] = "device-a",
+    n: Annotated[int, typer.Option(help="images per class")] = 40,
+    seed: Annotated[int, typer.Option(help="which breasts: the same seed images the same anatomy")] = 0,
+    size: Annotated[
+        str | None, typer.Option(help="image size WxH or S (default: the device's own size)")
+    ] = None,
+) -> None:
+    """Write phantom images and masks in the BUSI layout, to look at or to feed to other tools."""
+    from bench.phantom import export_busi_layout
+
+    parsed: int | tuple[int, int] | None = None
+    if size is not None:
+        try:
+            parts = [int(p) for p in size.lower().split("x")]
+        except ValueError:
+            parts = []
+        if len(parts) not in (1, 2) or min(parts, default=0) < 16:
+            raise BenchError(f"--size must look like 256 or 400x300 (at least 16 px), got {size!r}")
+        parsed = parts[0] if len(parts) == 1 else (parts[0], parts[1])
+    root = export_busi_layout(out_dir, device=device, n_per_class=n, seed=seed, size=parsed)
+    console.print(
+        f"wrote {3 * n} {escape(device)} phantom images (BUSI layout) to {escape(str(root))}; "
+        f"check them with `bench datasets {escape(str(root))}`"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,10 +37,12 @@ class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["all"])
     shots: list[int] = field(default_factory=lambda: [4, 8, 16])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    source: str = "bus-uclm"
-    targets: list[str] = field(default_factory=lambda: ["udiat", "breast"])
+    # The built-in phantom: support from one simulated device, targets on two others.
+    source: str = "phantom:device-a"
+    targets: list[str] = field(default_factory=lambda: ["phantom:device-b", "phantom:device-c"])
     backbone: str = "ViT-B-16-quickgelu"
-    pretrained: str = "openai"
+    # Standard weights when cached or downloadable, else random init after a loud warning.
+    pretrained: str = "auto"
     input_size: int | None = None
     layers: list[int] | None = None
     eval_size: int = DEFAULT_EVAL_SIZE

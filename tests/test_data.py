@@ -423,23 +423,23 @@ def test_dataset_provider_hook(tmp_path: Path, busi_root: Path) -> None:
         base = read_busi(busi_root, name=spec)
         return Dataset(name=spec, root=tmp_path / "cache", samples=base.samples)
 
-    register_dataset_provider("phantom", factory)
+    register_dataset_provider("fakephantom", factory)
     try:
-        assert "phantom" in dataset_names()
-        dataset = resolve_dataset("phantom:device-a", tmp_path)
-        assert dataset.name == "phantom:device-a" and len(dataset) == 18
-        resolve_dataset("Phantom", tmp_path)
-        assert calls == [("phantom:device-a", tmp_path), ("Phantom", tmp_path)]
+        assert "fakephantom" in dataset_names()
+        dataset = resolve_dataset("fakephantom:device-a", tmp_path)
+        assert dataset.name == "fakephantom:device-a" and len(dataset) == 18
+        resolve_dataset("FakePhantom", tmp_path)
+        assert calls == [("fakephantom:device-a", tmp_path), ("FakePhantom", tmp_path)]
         with pytest.raises(DatasetError, match="already registered"):
-            register_dataset_provider("phantom", factory)
+            register_dataset_provider("fakephantom", factory)
         with pytest.raises(DatasetError, match="already registered"):
             register_dataset_provider("busi", factory)
-        register_dataset_provider("phantom", lambda spec, root: "oops", replace=True)  # type: ignore[arg-type,return-value]
+        register_dataset_provider("fakephantom", lambda spec, root: "oops", replace=True)  # type: ignore[arg-type,return-value]
         with pytest.raises(DatasetError, match="returned str, not a Dataset"):
-            resolve_dataset("phantom", tmp_path)
+            resolve_dataset("fakephantom", tmp_path)
     finally:
-        unregister_dataset_provider("phantom")
-    assert "phantom" not in dataset_names()
+        unregister_dataset_provider("fakephantom")
+    assert "fakephantom" not in dataset_names()
 
 
 # --------------------------------------------------------------------------- manifests (bad input)

@@ -8,6 +8,7 @@ Named sets live under a data root (``--data-root`` or ``BENCH_DATA_ROOT``, defau
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from collections.abc import Callable
@@ -68,6 +69,18 @@ DatasetFactory = Callable[[str, Path], Dataset]
 _providers: dict[str, DatasetFactory] = {}
 _providers_lock = threading.Lock()
 
+#: Providers that ship with the harness: prefix -> module that registers it on import. They
+#: are imported on first use so ``resolve_dataset("phantom")`` works without an explicit import.
+BUILTIN_PROVIDERS: dict[str, str] = {"phantom": "bench.phantom"}
+
+
+def _load_builtin_providers() -> None:
+    for prefix, module in BUILTIN_PROVIDERS.items():
+        with _providers_lock:
+            present = prefix in _providers
+        if not present:
+            importlib.import_module(module)
+
 
 def default_data_root() -> Path:
     """The data root: ``$BENCH_DATA_ROOT`` when set and non-empty, else ``./data``."""
@@ -99,6 +112,7 @@ def unregister_dataset_provider(prefix: str) -> None:
 
 def dataset_names() -> list[str]:
     """Every name :func:`resolve_dataset` knows without a path: named sets, then provider prefixes."""
+    _load_builtin_providers()
     with _providers_lock:
         providers = sorted(_providers)
     return [*NAMED_DATASETS, *(p for p in providers if p not in NAMED_DATASETS)]
@@ -107,6 +121,7 @@ def dataset_names() -> list[str]:
 def _find_provider(spec: str) -> DatasetFactory | None:
     lowered = spec.strip().lower()
     prefix = lowered.split(":", 1)[0]
+    _load_builtin_providers()
     with _providers_lock:
         return _providers.get(prefix)
 

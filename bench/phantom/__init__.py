@@ -21,6 +21,7 @@ from bench.phantom.bmode import RAYLEIGH_SNR, simulate_iq_envelope
 from bench.phantom.dataset import (
     CACHE_ENV,
     DEFAULT_DEVICE,
+    ExportExistsError,
     dataset_name,
     default_seed,
     export_busi_layout,
@@ -40,6 +41,7 @@ __all__ = [
     "RAYLEIGH_SNR",
     "Anatomy",
     "DeviceProfile",
+    "ExportExistsError",
     "Layout",
     "Lesion",
     "PhantomImage",

@@ -10,7 +10,7 @@ lesion" used both for the echo map and for the ground-truth mask.
 Echogenicity levels (dB re. fibroglandular tissue, before any texture):
 skin entry echo +8, dermis +2, subcutaneous and retromammary fat about -11, glandular 0
 (with lobular texture), pectoral muscle about -7 with bright fibre striations, chest
-wall -9, rib surface +14 with an acoustic shadow behind. Lesion levels are listed in
+wall -9, rib surface +10 with an acoustic shadow behind. Lesion levels are listed in
 ``docs/phantom.md``.
 """
 
@@ -154,7 +154,9 @@ class Lesion:
     @property
     def max_radius(self) -> float:
         """An upper bound on ``R(phi)``."""
-        return 1.0 + sum(abs(a) for _, a, _ in self.harmonics) + max((h for _, h, _ in self.spikes), default=0.0)
+        return (
+            1.0 + sum(abs(a) for _, a, _ in self.harmonics) + max((h for _, h, _ in self.spikes), default=0.0)
+        )
 
     @property
     def extent_mm(self) -> float:
@@ -175,7 +177,7 @@ class Lesion:
 
 @dataclass(frozen=True)
 class Tissue:
-    """The layers and structures of the breast (mm, tissue coordinates ``s`` along and ``d`` below the skin)."""
+    """Layers and structures of the breast in tissue coordinates (mm): ``s`` along, ``d`` below the skin."""
 
     skin_mm: float
     fat_base: float
@@ -191,7 +193,9 @@ class Tissue:
     muscle_db: float
     gland_texture_db: float
     lobules: tuple[tuple[float, float, float, float, float, float], ...] = ()  # s, d, a, b, tilt, dB
-    ducts: tuple[tuple[float, float, float, float, float], ...] = ()  # s, d, half-length, half-thickness, tilt
+    ducts: tuple[
+        tuple[float, float, float, float, float], ...
+    ] = ()  # s, d, half-length, half-thickness, tilt
     ribs: tuple[tuple[float, float, float, float], ...] = ()  # s, d (centre), half-width, half-height
     ligament_shadows: tuple[tuple[float, float, float], ...] = ()  # s, width, dB
     ligament_shear: float = 0.0  # Cooper's ligaments lean by this ds/dd
@@ -290,10 +294,16 @@ def _sample_tissue(rng: np.random.Generator) -> Tissue:
     if rng.random() < 0.3:
         for _ in range(int(rng.integers(1, 3))):
             ducts.append(
-                (_u(rng, -22, 22), _u(rng, fat + 2.0, gland - 1.0), _u(rng, 3, 9), _u(rng, 0.4, 1.1), _u(rng, -0.35, 0.35))
+                (
+                    _u(rng, -22, 22),
+                    _u(rng, fat + 2.0, gland - 1.0),
+                    _u(rng, 2.5, 7),
+                    _u(rng, 0.6, 1.4),
+                    _u(rng, -0.35, 0.35),
+                )
             )
     ribs = []
-    if rng.random() < 0.6:
+    if rng.random() < 0.45:
         rib_depth = gland + retro + muscle + _u(rng, 3.0, 12.0)
         spacing = _u(rng, 20, 28)
         offset = _u(rng, -spacing / 2, spacing / 2)
@@ -417,19 +427,23 @@ def _sample_lesion(rng: np.random.Generator, label: Label, tissue: Tissue) -> Le
         extent = lesion.extent_mm
     s_lim = COMMON_HALF_WIDTH_MM - 1.0 - extent
     centre_s = _u(rng, -s_lim, s_lim) * 0.8
-    d_lo = max(tissue.skin_mm + 1.0 + extent, tissue.fat_base - 1.0)
-    d_hi = max(d_lo, min(COMMON_DEPTH_MM - 4.0 - extent, tissue.gland_base + 1.0))
-    centre_d = _u(rng, d_lo, d_hi) if d_hi > d_lo else d_lo
+    # Most masses sit in the fibroglandular layer or at its interface with the fat.
+    d_lo = max(tissue.skin_mm + 1.0 + extent, tissue.fat_base + 1.0)
+    d_hi = min(COMMON_DEPTH_MM - 4.0 - extent, tissue.gland_base + 1.0)
+    centre_d = _u(rng, d_lo, d_hi) if d_hi > d_lo else min(d_lo, COMMON_DEPTH_MM - 1.0 - extent)
     calcifications: list[tuple[float, float, float]] = []
     if calcs:
         n = int(rng.integers(3, 13))
         cu, cw = _u(rng, -0.3, 0.3), _u(rng, -0.3, 0.3)
         for _ in range(n):
-            # Clustered, well inside the lesion (normalised radius < 0.7).
+            # Clustered, well inside the lesion (below 0.7 of the boundary radius R(phi)).
             pu = float(np.clip(cu + 0.2 * rng.standard_normal(), -0.5, 0.5))
             pw = float(np.clip(cw + 0.2 * rng.standard_normal(), -0.5, 0.5))
-            scale = min(1.0, 0.7 / max(math.hypot(pu, pw), 1e-6))
-            calcifications.append((pu * scale * lesion.half_width, pw * scale * lesion.half_height, _u(rng, 14, 22)))
+            boundary = float(lesion.radius(np.array([math.atan2(pw, pu)]))[0])
+            scale = min(1.0, 0.7 * boundary / max(math.hypot(pu, pw), 1e-6))
+            calcifications.append(
+                (pu * scale * lesion.half_width, pw * scale * lesion.half_height, _u(rng, 14, 22))
+            )
     return replace(lesion, centre_s=centre_s, centre_d=centre_d, calcifications=tuple(calcifications))
 
 
@@ -501,10 +515,12 @@ class TissueFields:
         return map_coordinates(grid, coords.reshape(2, -1), order=1, mode="nearest").reshape(s.shape)
 
 
-def _smooth_field(rng: np.random.Generator, sigma_mm: float, stretch: float = 1.0) -> tuple[np.ndarray, float]:
+def _smooth_field(
+    rng: np.random.Generator, sigma_mm: float, stretch: float = 1.0
+) -> tuple[np.ndarray, float]:
     step = sigma_mm / 2.5
-    n_d = int(math.ceil((_D_RANGE[1] - _D_RANGE[0]) / step)) + 1
-    n_s = int(math.ceil((_S_RANGE[1] - _S_RANGE[0]) / step)) + 1
+    n_d = math.ceil((_D_RANGE[1] - _D_RANGE[0]) / step) + 1
+    n_s = math.ceil((_S_RANGE[1] - _S_RANGE[0]) / step) + 1
     noise = rng.standard_normal((n_d, n_s))
     smooth = gaussian_filter(noise, (2.5 * stretch, 2.5), mode="wrap")
     smooth /= smooth.std()
@@ -645,8 +661,10 @@ def tissue_maps(
     for cs, cd, half_len, half_thick, tilt in t.ducts:
         box = _box(s, d, cs, cd, max(half_len, half_thick))
         if box is not None:
-            inside = (_ellipse(s[:, box[1]], d[box[0]], cs, cd, half_len, half_thick, tilt) < 1.0) & in_gland[box]
-            echo[box][inside] = -26.0
+            inside = (_ellipse(s[:, box[1]], d[box[0]], cs, cd, half_len, half_thick, tilt) < 1.0) & in_gland[
+                box
+            ]
+            echo[box][inside] = -24.0 + fine[box][inside]
     for cs, cd, a, b in t.ribs:
         box = _box(s, d, cs, cd, max(a, b))
         if box is not None:

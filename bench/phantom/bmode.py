@@ -73,8 +73,8 @@ def _transfer(device: DeviceProfile, size: tuple[int, int] | None):
     far_x = 2.0 * sig_x
     max_steer = max(abs(a) for a in device.compound_deg)
     reach = 4.0 * max(sig_z, far_x)
-    pad_z = int(math.ceil(reach * (1 + math.sin(math.radians(max_steer))) / lay.dz)) + 2
-    pad_x = int(math.ceil(reach / lay.dx)) + 2
+    pad_z = math.ceil(reach * (1 + math.sin(math.radians(max_steer))) / lay.dz) + 2
+    pad_x = math.ceil(reach / lay.dx) + 2
     shape = (scipy.fft.next_fast_len(n + 2 * pad_z), scipy.fft.next_fast_len(m + 2 * pad_x))
     kz = scipy.fft.fftfreq(shape[0], d=lay.dz)[:, None]
     kx = scipy.fft.fftfreq(shape[1], d=lay.dx)[None, :]

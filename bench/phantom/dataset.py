@@ -41,6 +41,7 @@ from bench.types import CLASSES, Label
 __all__ = [
     "CACHE_ENV",
     "DEFAULT_DEVICE",
+    "ExportExistsError",
     "dataset_name",
     "default_seed",
     "export_busi_layout",
@@ -69,6 +70,17 @@ def phantom_cache_dir() -> Path:
     if bench_cache:
         return Path(bench_cache).expanduser() / "phantom"
     return Path.home() / ".cache" / "ultraad-bench" / "phantom"
+
+
+class ExportExistsError(DatasetError, FileExistsError):
+    """The export folder already holds files (a :class:`DatasetError`, so the CLI prints it cleanly)."""
+
+
+def _resolve_device(device: str | DeviceProfile) -> DeviceProfile:
+    try:
+        return get_device(device)
+    except KeyError:
+        raise DatasetError(f"unknown phantom device {device!r}; use one of {', '.join(DEVICES)}") from None
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -158,7 +170,9 @@ def _as_spec(n_per_class: int | Mapping[str, int] | PhantomSpec, seed: int, size
         return n_per_class
     if isinstance(n_per_class, Mapping):
         counts = {Label(k).value: int(v) for k, v in n_per_class.items()}
-        return PhantomSpec(**{label.value: counts.get(label.value, 0) for label in CLASSES}, seed=seed, size=size)
+        return PhantomSpec(
+            **{label.value: counts.get(label.value, 0) for label in CLASSES}, seed=seed, size=size
+        )
     return PhantomSpec.per_class(int(n_per_class), seed=seed, size=size)
 
 
@@ -201,13 +215,18 @@ def export_busi_layout(
     ``phantom.json`` (generator version, device settings and per-image anatomy). Counts are
     an int per class, a mapping ``{"normal": 10, ...}`` or a :class:`PhantomSpec` (which then
     also gives seed and size). The folder is written under a temporary name beside
-    ``out_dir`` and renamed into place; ``out_dir`` must not exist or be empty.
+    ``out_dir`` and renamed into place; ``out_dir`` must not exist or be empty
+    (:class:`ExportExistsError`, both a ``DatasetError`` and a ``FileExistsError``).
+    An unknown device or a bad count raises :class:`~bench.errors.DatasetError`.
     """
     out_dir = Path(out_dir).expanduser()
-    device = get_device(device)
-    spec = _as_spec(n_per_class, seed, size)
+    device = _resolve_device(device)
+    try:
+        spec = _as_spec(n_per_class, seed, size)
+    except ValueError as exc:
+        raise DatasetError(f"phantom export: {exc}") from None
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not an empty folder; choose a new folder")
+        raise ExportExistsError(f"{out_dir} exists and is not an empty folder; choose a new folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -262,7 +281,9 @@ def phantom_dataset(spec: str, data_root: Path | None = None) -> Dataset:
         info = json.loads((root / INFO_FILE).read_text(encoding="utf-8"))
         by_id = {record["id"]: record for record in info.get("images", [])}
     except (OSError, ValueError) as exc:
-        raise DatasetError(f"{root / INFO_FILE}: unreadable ({exc}); delete {root} to regenerate it") from None
+        raise DatasetError(
+            f"{root / INFO_FILE}: unreadable ({exc}); delete {root} to regenerate it"
+        ) from None
     samples = []
     for sample in base.samples:
         record = by_id.get(sample.id, {})

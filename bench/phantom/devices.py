@@ -90,13 +90,17 @@ class DeviceProfile:
 
     def __post_init__(self) -> None:
         if self.geometry not in ("linear", "convex"):
-            raise ValueError(f"device {self.name}: geometry must be 'linear' or 'convex', not {self.geometry!r}")
+            raise ValueError(
+                f"device {self.name}: geometry must be 'linear' or 'convex', not {self.geometry!r}"
+            )
         if self.geometry == "linear" and self.width_mm < 2 * COMMON_HALF_WIDTH_MM:
             raise ValueError(f"device {self.name}: linear width must be >= {2 * COMMON_HALF_WIDTH_MM} mm")
         if self.geometry == "convex":
             half = math.radians(self.sector_deg / 2)
             if self.radius_mm * half < COMMON_HALF_WIDTH_MM:
-                raise ValueError(f"device {self.name}: the fan does not cover |s| <= {COMMON_HALF_WIDTH_MM} mm")
+                raise ValueError(
+                    f"device {self.name}: the fan does not cover |s| <= {COMMON_HALF_WIDTH_MM} mm"
+                )
         if self.depth_mm < COMMON_DEPTH_MM:
             raise ValueError(f"device {self.name}: depth must be >= {COMMON_DEPTH_MM} mm")
 
@@ -130,7 +134,8 @@ DEVICES: dict[str, DeviceProfile] = {
         DeviceProfile(
             name="device-a",
             number=1,
-            description="Halvorsen Sonix HX-7 with L14-5 linear array, breast preset: 10 MHz, neutral grey map",
+            description="Halvorsen Sonix HX-7 with L14-5 linear array, breast preset: 10 MHz, "
+            "neutral grey map",
             geometry="linear",
             image_size=(448, 336),
             frequency_mhz=10.0,
@@ -140,7 +145,7 @@ DEVICES: dict[str, DeviceProfile] = {
             depth_mm=38.0,
             width_mm=50.0,
             dynamic_range_db=60.0,
-            gain_db=0.0,
+            gain_db=-3.0,
             tgc_db=(-4.0, 0.0, 1.0, 2.0),
             tgc_compensation=0.92,
             gamma=1.1,
@@ -162,15 +167,15 @@ DEVICES: dict[str, DeviceProfile] = {
             focus_mm=26.0,
             depth_mm=50.0,
             radius_mm=50.0,
-            sector_deg=60.0,
-            dynamic_range_db=50.0,
-            gain_db=3.0,
+            sector_deg=70.0,
+            dynamic_range_db=46.0,
+            gain_db=5.0,
             tgc_db=(-6.0, -2.0, 2.0, 4.0),
             tgc_compensation=0.85,
-            gamma=0.9,
+            gamma=0.85,
             tint=(1.0, 0.9, 0.74),
             noise_db=-58.0,
-            margins=(0.04, 0.06, 0.0, 0.0),
+            margins=(0.0, 0.06, 0.0, 0.0),
             model_label="MERIDIAN VUE C60",
             preset_label="C5-2 GEN",
             caliper_rate=0.5,
@@ -189,11 +194,11 @@ DEVICES: dict[str, DeviceProfile] = {
             focus_mm=12.0,
             depth_mm=36.0,
             width_mm=38.0,
-            dynamic_range_db=72.0,
-            gain_db=-1.0,
+            dynamic_range_db=75.0,
+            gain_db=4.0,
             tgc_db=(-2.0, 0.0, 3.0, 6.0),
             tgc_compensation=0.9,
-            gamma=1.3,
+            gamma=1.25,
             tint=(0.84, 0.92, 1.0),
             noise_db=-66.0,
             margins=(0.08, 0.055, 0.0, 0.0),
@@ -394,10 +399,12 @@ def _convex_layout(device, width, height, box, box_w, box_h) -> Layout:
     d = r - radius
     inside = (np.abs(theta) <= half) & (d >= 0) & (d <= depth)
     half_x = (box[2] - box[0]) / 2 * px_mm
-    inside &= (np.abs(x) <= half_x) & (np.arange(width)[None, :] >= box[0]) & (np.arange(width)[None, :] < box[2])
+    inside &= (
+        (np.abs(x) <= half_x) & (np.arange(width)[None, :] >= box[0]) & (np.arange(width)[None, :] < box[2])
+    )
     # Beam grid: lines spaced ~1 display pixel apart at mid-depth, samples 1 pixel apart.
-    n_lines = int(math.ceil(2 * half * (radius + depth / 2) / px_mm)) + 1
-    n_samples = int(math.ceil(depth / px_mm)) + 1
+    n_lines = math.ceil(2 * half * (radius + depth / 2) / px_mm) + 1
+    n_samples = math.ceil(depth / px_mm) + 1
     theta_step = 2 * half / (n_lines - 1)
     dz = depth / (n_samples - 1)
     thetas = -half + theta_step * np.arange(n_lines)

@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import map_coordinates
 
-from bench.phantom.anatomy import Anatomy, lesion_point, lesion_region, sample_anatomy, tissue_fields, tissue_maps
+from bench.phantom.anatomy import (
+    Anatomy,
+    lesion_point,
+    lesion_region,
+    sample_anatomy,
+    tissue_fields,
+    tissue_maps,
+)
 from bench.phantom.bmode import acquire
 from bench.phantom.devices import DeviceProfile, get_device, layout
 from bench.phantom.overlays import draw_overlays

@@ -219,7 +219,9 @@ def view_cache(backbone: Backbone, augmentation: Augmentation) -> FeatureCache:
     store = _store(backbone)
     cache = store.caches.get(augmentation.identity)
     if cache is None:
-        base = {k: v for k, v in backbone.cache.config.items() if k not in ("cache_format", "length", "layers")}
+        base = {
+            k: v for k, v in backbone.cache.config.items() if k not in ("cache_format", "length", "layers")
+        }
         base.update(
             {
                 "features": "augmented-view image embeds (encode_image output, not normalised)",
@@ -255,6 +257,7 @@ def augmented_embeds(
         raise ValueError(f"n_views must be >= 1, got {n_views}")
     cache = view_cache(backbone, augmentation)
     stats = _store(backbone).stats
+    encoded_before, hits_before = stats.encoded, stats.hits
     out = np.empty((n_views, len(items), backbone.embed_dim), dtype=np.float32)
     pending: list[tuple[str, int, int, torch.Tensor]] = []
     batch_size = max(1, int(backbone.spec.batch_size))
@@ -289,6 +292,13 @@ def augmented_embeds(
             if len(pending) >= batch_size:
                 flush()
     flush()
+    if stats.encoded > encoded_before:
+        log.info(
+            "encoded %d augmented views (%d read from %s); not counted as backbone encodings",
+            stats.encoded - encoded_before,
+            stats.hits - hits_before,
+            cache.folder,
+        )
     return torch.from_numpy(out).to(backbone.device)
 
 
@@ -315,7 +325,12 @@ def make_generator(seed: int) -> torch.Generator:
 
 
 def epoch_batches(
-    n: int, batch_size: int, generator: torch.Generator, *, shuffle: bool = True, drop_last: bool | None = None
+    n: int,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    shuffle: bool = True,
+    drop_last: bool | None = None,
 ) -> list[torch.Tensor]:
     """Index batches of one epoch.
 

@@ -160,7 +160,9 @@ class PromptLearner(nn.Module):
         self.name_lens = [int(_eot_index(backbone.tokenize([n]))[0]) - 1 for n in names]
         self.register_buffer("token_ids", ids.clone(), persistent=False)
         self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # SOS
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)  # name . EOS
+        self.register_buffer(
+            "token_suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False
+        )  # name . EOS
 
         self.meta_net: MetaNet | None = None
         if meta_net:

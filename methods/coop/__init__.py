@@ -164,7 +164,9 @@ class CoCoOp(CoOp):
     """Conditional CoOp: context tokens shifted per image by a meta-net of the image feature."""
 
     name = "cocoop"
-    description = "CoCoOp: image-conditioned prompt context (4 tokens + meta-net) through the frozen text encoder"
+    description = (
+        "CoCoOp: image-conditioned prompt context (4 tokens + meta-net) through the frozen text encoder"
+    )
     default_config: ClassVar[Mapping[str, Any]] = {
         **common_config(templates=False),
         "n_ctx": 4,

@@ -49,8 +49,10 @@ def class_sums(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> 
     return fewshot.one_hot(labels, n_classes).T @ features
 
 
-def init_alpha(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: float = 250.0) -> float:
-    """``scale`` x the mean over (c, k) of the class-c mean of ``f . t_k`` (official ``calculate_init_alpha``)."""
+def init_alpha(
+    features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: float = 250.0
+) -> float:
+    """``scale`` x mean over (c, k) of the class-c mean of ``f . t_k`` (official ``calculate_init_alpha``)."""
     logits = features.double() @ text.double().T  # (N, C)
     onehot = fewshot.one_hot(labels, text.shape[0]).double()
     class_means = (onehot.T @ logits) / onehot.sum(0)[:, None]  # (C, C)
@@ -79,7 +81,9 @@ def lpp_logits(
 
 class LPPlusPlus(FewShotClassifier):
     name = "lpp"
-    description = "LP++: linear probe blended with text weights, data-driven step sizes (300 full-batch epochs)"
+    description = (
+        "LP++: linear probe blended with text weights, data-driven step sizes (300 full-batch epochs)"
+    )
     default_config: ClassVar[Mapping[str, Any]] = {
         **common_config(),
         "epochs": 300,

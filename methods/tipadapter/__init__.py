@@ -86,13 +86,23 @@ class GridScore:
         self.loss = torch.zeros(len(betas), len(alphas), dtype=torch.float64)
         self.count = 0
 
-    def add(self, clip_logits: torch.Tensor, affinity: torch.Tensor, values: torch.Tensor, labels: torch.Tensor,
-            mask: torch.Tensor | None = None) -> None:
-        """Score queries with ``clip_logits`` (m, C) and ``affinity`` (m, n) to a cache with ``values`` (n, C).
+    def add(
+        self,
+        clip_logits: torch.Tensor,
+        affinity: torch.Tensor,
+        values: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Score queries (``clip_logits`` (m, C), ``affinity`` (m, n)) against a cache with ``values`` (n, C).
 
         ``mask`` (m, n), when given, is 1 for cache entries a query may use (0 removes them).
         """
-        clip_logits, affinity, values = clip_logits.double().cpu(), affinity.double().cpu(), values.double().cpu()
+        clip_logits, affinity, values = (
+            clip_logits.double().cpu(),
+            affinity.double().cpu(),
+            values.double().cpu(),
+        )
         labels = labels.cpu()
         weights = torch.exp(-self.betas[:, None, None] * (1.0 - affinity)[None])  # (B, m, n)
         if mask is not None:
@@ -144,7 +154,6 @@ class TipAdapter(FewShotClassifier):
         "search_scale": [13.0, 13.0],
         "search_step": [200, 20],
     }
-    trainable_keys: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -193,12 +202,28 @@ class TipAdapter(FewShotClassifier):
         self.keys, self.values = self.train_keys(keys, views, labels, values, text, final=True), values
         self._fitted = True
 
-    def train_keys(self, keys, views, labels, values, text, *, final: bool) -> torch.Tensor:  # noqa: ARG002
+    def train_keys(
+        self,
+        keys: torch.Tensor,
+        views: torch.Tensor,
+        labels: torch.Tensor,
+        values: torch.Tensor,
+        text: torch.Tensor,
+        *,
+        final: bool,
+    ) -> torch.Tensor:
         """Tip-Adapter keeps the keys as built (Tip-Adapter-F fine-tunes them)."""
         return keys
 
     # -- alpha / beta by cross-validation on the support set --------------------------------
-    def search(self, queries, views, labels, values, text) -> tuple[float, float]:
+    def search(
+        self,
+        queries: torch.Tensor,
+        views: torch.Tensor,
+        labels: torch.Tensor,
+        values: torch.Tensor,
+        text: torch.Tensor,
+    ) -> tuple[float, float]:
         counts = np.bincount(labels.cpu().numpy(), minlength=len(self.names))
         if counts.min() < 2:
             self.search_result = {"skipped": 1.0}
@@ -235,9 +260,17 @@ class TipAdapterF(TipAdapter):
         "batch_size": 256,
         "cv_folds": 4,
     }
-    trainable_keys = True
 
-    def train_keys(self, keys, views, labels, values, text, *, final: bool) -> torch.Tensor:
+    def train_keys(
+        self,
+        keys: torch.Tensor,
+        views: torch.Tensor,
+        labels: torch.Tensor,
+        values: torch.Tensor,
+        text: torch.Tensor,
+        *,
+        final: bool,
+    ) -> torch.Tensor:
         """Fine-tune the keys (as a bias-free Linear's weight) on augmented views; returns them detached."""
         cfg = self.config
         epochs, batch_size = int(cfg["epochs"]), int(cfg["batch_size"])
@@ -258,7 +291,12 @@ class TipAdapterF(TipAdapter):
                 fewshot.set_lr(optimiser, fewshot.cosine_lr(step, total, float(cfg["lr"])))
                 batch = batch.to(feats.device)
                 logits = tip_logits(
-                    feats[batch], weight, values, text, float(cfg["init_alpha"]), float(cfg["init_beta"]),
+                    feats[batch],
+                    weight,
+                    values,
+                    text,
+                    float(cfg["init_alpha"]),
+                    float(cfg["init_beta"]),
                     self.clip_scale,
                 )
                 loss = F.cross_entropy(logits, labels[batch])
@@ -268,7 +306,14 @@ class TipAdapterF(TipAdapter):
                 step += 1
         return weight.detach()
 
-    def search(self, queries, views, labels, values, text) -> tuple[float, float]:
+    def search(
+        self,
+        queries: torch.Tensor,
+        views: torch.Tensor,
+        labels: torch.Tensor,
+        values: torch.Tensor,
+        text: torch.Tensor,
+    ) -> tuple[float, float]:
         labels_np = labels.cpu().numpy()
         counts = np.bincount(labels_np, minlength=len(self.names))
         n_folds = min(int(self.config["cv_folds"]), int(counts.min()))

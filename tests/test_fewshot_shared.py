@@ -1,0 +1,230 @@
+"""Shared few-shot building blocks: bench/fewshot.py and bench/prompt_learning.py (tiny random-init model)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import fewshot
+from bench.backbone import BackboneSpec, load_backbone
+from bench.prompt_learning import PromptLearner
+from bench.types import ImageItem
+
+NAMES = list(fewshot.DEFAULT_CLASS_NAMES.values())
+
+
+def make_items(n: int, seed: int = 0, shape: tuple[int, int] = (40, 56)) -> list[ImageItem]:
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8) for _ in range(n)]
+    return [
+        ImageItem(id=f"fs{i}", key=f"fs-{seed}-{i:03d}", loader=lambda a=image: a)
+        for i, image in enumerate(images)
+    ]
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory):
+    spec = BackboneSpec("bench-tiny-vit", "none", cache_dir=tmp_path_factory.mktemp("fs-cache"), device="cpu")
+    return load_backbone(spec)
+
+
+# --------------------------------------------------------------------------- schedules and batches
+
+
+def test_warmup_cosine_matches_dassl() -> None:
+    lr = fewshot.warmup_cosine_lr
+    assert lr(0, 10, 0.002) == pytest.approx(1e-5)  # constant warm-up epoch
+    assert lr(1, 10, 0.002) == pytest.approx(0.002)  # the cosine restarts after the warm-up
+    assert lr(6, 10, 0.002) == pytest.approx(0.001)  # half way through the cosine
+    assert lr(9, 10, 0.002) == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi * 8 / 10)))
+    # the same sequence torch's CosineAnnealingLR gives after the warm-up epoch
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.002)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
+    for epoch in range(1, 10):
+        assert lr(epoch, 10, 0.002) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+
+
+def test_cosine_lr_per_step_and_coop_epochs() -> None:
+    assert fewshot.cosine_lr(0, 20, 1e-3) == pytest.approx(1e-3)
+    assert fewshot.cosine_lr(10, 20, 1e-3) == pytest.approx(5e-4)
+    assert fewshot.cosine_lr(20, 20, 1e-3) == pytest.approx(0.0)
+    assert [fewshot.coop_epochs(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+
+
+def test_epoch_batches_dassl_drop_last_rule() -> None:
+    g = fewshot.make_generator(0)
+    batches = fewshot.epoch_batches(48, 32, g)
+    assert [len(b) for b in batches] == [32]  # 48 >= 32: the incomplete batch is dropped
+    assert len(set(batches[0].tolist())) == 32
+    assert [len(b) for b in fewshot.epoch_batches(6, 32, g)] == [6]  # fewer than a batch: kept
+    assert [len(b) for b in fewshot.epoch_batches(10, 4, g, drop_last=False)] == [4, 4, 2]
+    a = fewshot.epoch_batches(20, 5, fewshot.make_generator(3))
+    b = fewshot.epoch_batches(20, 5, fewshot.make_generator(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert sorted(torch.cat(a).tolist()) == list(range(20))
+
+
+def test_seeded_is_reproducible_and_restores_the_global_rng() -> None:
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with fewshot.seeded(0):
+        first = torch.nn.Linear(4, 3).weight.detach().clone()
+    after = torch.rand(3)
+    with fewshot.seeded(0):
+        second = torch.nn.Linear(4, 3).weight.detach().clone()
+    assert torch.equal(first, second)
+    assert torch.equal(after, expected)  # the block did not consume the caller's random stream
+
+
+# --------------------------------------------------------------------------- text side and outputs
+
+
+def test_text_classifier_is_the_normalised_mean_of_normalised_prompts(backbone) -> None:
+    templates = ["a photo of a {}.", "a breast ultrasound image of {}."]
+    weights = fewshot.text_classifier(backbone, NAMES, templates)
+    assert weights.shape == (3, backbone.embed_dim)
+    torch.testing.assert_close(weights.norm(dim=-1), torch.ones(3))
+    prompts = [t.format(NAMES[1]) for t in templates]
+    manual = F.normalize(F.normalize(backbone.encode_text(prompts), dim=-1).mean(0), dim=0)
+    torch.testing.assert_close(weights[1], manual)
+    assert fewshot.class_prompts(["x"], templates) == [["a photo of a x.", "a breast ultrasound image of x."]]
+
+
+def test_prediction_from_logits_score_is_one_minus_p_normal() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0], [60.0, -20.0, -25.0]])
+    pred = fewshot.prediction_from_logits(logits)
+    probs = torch.softmax(logits.double(), dim=1).numpy()
+    np.testing.assert_allclose(pred.probs, probs, rtol=1e-12)
+    np.testing.assert_allclose(pred.scores, 1.0 - probs[:, 0], atol=1e-15)
+    assert pred.scores[2] > 0  # 1 - p(normal) keeps its resolution where p(normal) rounds to 1
+    assert pred.maps is None
+
+
+# --------------------------------------------------------------------------- augmented views
+
+
+def test_crop_box_follows_random_resized_crop() -> None:
+    aug = fewshot.Augmentation()
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = aug.crop_box(60, 80, rng)
+        assert top >= 0 and top + h <= 60 and left >= 0 and left + w <= 80
+        assert 0.5 * 0.95 <= h * w / (60 * 80) <= 1.0 + 1e-9
+        assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    flipped = fewshot.Augmentation(scale=(1.0, 1.0), ratio=(1.5, 1.5), flip_p=1.0)(image, rng)
+    np.testing.assert_array_equal(flipped, image[:, ::-1])
+
+
+def test_augmented_views_are_seeded_cached_and_not_counted_as_backbone_encodings(backbone) -> None:
+    items = make_items(3, seed=11)
+    before = backbone.n_encoded
+    stats0 = fewshot.view_stats(backbone)
+    views = fewshot.augmented_embeds(backbone, items, 4, seed=0)
+    assert views.shape == (4, 3, backbone.embed_dim) and views.dtype == torch.float32
+    assert fewshot.view_stats(backbone).encoded == stats0.encoded + 12
+    assert not torch.equal(views[0], views[1])  # different views differ
+    # a second call, with the items in another order and one more item, reads the cache
+    more = [items[2], *make_items(1, seed=12), items[0]]
+    again = fewshot.augmented_embeds(backbone, more, 4, seed=0)
+    assert torch.equal(again[:, 0], views[:, 2]) and torch.equal(again[:, 2], views[:, 0])
+    stats = fewshot.view_stats(backbone)
+    assert stats.encoded == stats0.encoded + 16 and stats.hits == stats0.hits + 8
+    assert backbone.n_encoded == before  # augmented views are not counted as backbone encodings
+    other_seed = fewshot.augmented_embeds(backbone, items[:1], 1, seed=1)
+    assert not torch.equal(other_seed[0, 0], views[0, 0])
+    # the view equals the frozen encode_image of the cropped image, through the fp16 cache
+    aug = fewshot.Augmentation()
+    crop = aug(items[1].rgb(), fewshot.view_rng(items[1].key, 2, 0))
+    with torch.no_grad():
+        direct = backbone.model.encode_image(backbone.preprocess(crop)[None])[0]
+    torch.testing.assert_close(views[2, 1], direct.half().float())
+    # views live in their own cache folder, apart from the per-image features
+    assert fewshot.view_cache(backbone, aug).folder != backbone.cache.folder
+
+
+# --------------------------------------------------------------------------- prompt learner
+
+
+def test_prompt_learner_from_a_phrase_equals_the_hand_written_prompt(backbone) -> None:
+    learner = PromptLearner(backbone, NAMES, ctx_init="a photo of a")
+    assert learner.n_ctx == 4 and learner.truncated and learner.length < backbone.context_length
+    expected = backbone.encode_text([f"a photo of a {n}." for n in NAMES])
+    torch.testing.assert_close(learner(), expected, atol=1e-5, rtol=1e-5)
+    full = PromptLearner(backbone, NAMES, ctx_init="a photo of a", truncate=False)
+    assert full.length == backbone.context_length
+    torch.testing.assert_close(full(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "ctx_shape"),
+    [
+        ({}, (16, 64)),
+        ({"class_specific": True, "n_ctx": 8}, (3, 8, 64)),
+        ({"position": "middle", "n_ctx": 6}, (6, 64)),
+        ({"position": "front", "class_specific": True, "n_ctx": 2}, (3, 2, 64)),
+    ],
+)
+def test_prompt_learner_shapes_and_positions(backbone, kwargs, ctx_shape) -> None:
+    learner = PromptLearner(backbone, NAMES, seed=3, **kwargs)
+    assert tuple(learner.ctx.shape) == ctx_shape
+    assert float(learner.ctx.detach().std()) == pytest.approx(0.02, rel=0.25)  # N(0, 0.02) init
+    emb = learner.prompt_embeddings()
+    assert emb.shape == (3, learner.length, backbone.text_width)
+    ctx = learner.context()
+    n = learner.n_ctx
+    position = kwargs.get("position", "end")
+    for c, name_len in enumerate(learner.name_lens):
+        if position == "end":
+            torch.testing.assert_close(emb[c, 1 : 1 + n], ctx[c])
+        elif position == "front":
+            torch.testing.assert_close(emb[c, 1 + name_len : 1 + name_len + n], ctx[c])
+        else:
+            half = n // 2
+            torch.testing.assert_close(emb[c, 1 : 1 + half], ctx[c, :half])
+            torch.testing.assert_close(emb[c, 1 + half + name_len : 1 + n + name_len], ctx[c, half:])
+    features = learner()
+    assert features.shape == (3, backbone.embed_dim) and torch.isfinite(features).all()
+    again = PromptLearner(backbone, NAMES, seed=3, **kwargs)
+    assert torch.equal(again.ctx, learner.ctx)
+    assert not torch.equal(PromptLearner(backbone, NAMES, seed=4, **kwargs).ctx, learner.ctx)
+
+
+def test_prompt_learner_gradients_reach_only_its_own_parameters(backbone) -> None:
+    learner = PromptLearner(backbone, NAMES, n_ctx=4, meta_net=True, image_dim=backbone.embed_dim)
+    assert {n for n, _ in learner.named_parameters()} == {
+        "ctx",
+        "meta_net.0.weight",
+        "meta_net.0.bias",
+        "meta_net.2.weight",
+        "meta_net.2.bias",
+    }
+    assert set(learner.state_dict()) == {n for n, _ in learner.named_parameters()}  # no backbone inside
+    hidden = learner.meta_net[0].out_features
+    assert hidden == backbone.embed_dim // 16 and learner.meta_net[2].out_features == backbone.text_width
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    feats = F.normalize(torch.randn(5, backbone.embed_dim), dim=-1)
+    text = learner(feats)
+    assert text.shape == (5, 3, backbone.embed_dim)
+    # the meta-net's offset is added to every context vector of every class
+    offset = learner.meta_net(feats)
+    torch.testing.assert_close(learner(offset=offset), text)
+    ctx = learner.context(offset)
+    torch.testing.assert_close(ctx[2, 1] - learner.ctx, offset[2].expand(4, -1))
+    loss = torch.einsum("bd,bcd->bc", feats, F.normalize(text, dim=-1)).logsumexp(1).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in backbone.model.parameters())
+    after = backbone.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="meta-net"):
+        learner()
+    with pytest.raises(ValueError, match="no meta-net"):
+        PromptLearner(backbone, NAMES, n_ctx=2)(feats)

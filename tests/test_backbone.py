@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench.backbone as backbone_module
 from bench.backbone import (
     RANDOM_INIT,
     BackboneSpec,
@@ -433,3 +434,65 @@ def test_hf_hub_weights_from_local_cache(tmp_path: Path, monkeypatch: pytest.Mon
     fake_hf_repo(hf_cache, "org/gelu", backbone.model.state_dict(), {**model_cfg, "quick_gelu": False})
     with pytest.raises(BackboneError, match="QuickGELU"):
         load_backbone(BackboneSpec(TINY, "hf-hub:org/gelu", cache_dir=tmp_path / "cache", device="cpu"))
+
+
+def _no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Weights are neither cached nor downloadable (and any download attempt fails the test)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setattr(backbone_module, "_probe", lambda url: "hub.example is not reachable (test)")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("must not try to download without network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+
+
+def test_auto_falls_back_to_random_init_loudly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _no_network(monkeypatch, tmp_path)
+    backbone = load_backbone(BackboneSpec("ViT-B-32-quickgelu", "auto", cache_dir=tmp_path, device="cpu"))
+    assert backbone.identity.weights == "random-init" and backbone.identity.random_init
+    assert backbone.weights_warning is not None
+    assert "FALLING BACK TO RANDOM INIT" in backbone.weights_warning
+    assert "tried openai" in backbone.weights_warning  # OpenAI's weights are tried first
+    assert_how_to(backbone.weights_warning)
+    # The fallback is the same deterministic random init as `none` (so caches are shared).
+    explicit = load_backbone(BackboneSpec("ViT-B-32-quickgelu", "none", cache_dir=tmp_path, device="cpu"))
+    assert explicit.weights_warning is None
+    for (name, a), (_, b) in zip(
+        backbone.model.state_dict().items(), explicit.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_auto_uses_weights_when_they_resolve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "tiny.bin"
+    tiny = load_backbone(BackboneSpec("bench-tiny-vit", "none", device="cpu"))
+    torch.save(tiny.model.state_dict(), checkpoint)
+    calls: list[str] = []
+    real = backbone_module._resolve_weights
+
+    def resolve(spec: BackboneSpec, model_cfg: dict) -> object:
+        calls.append(spec.pretrained)
+        if spec.pretrained == "openai":  # stands in for a tag whose weights are cached
+            return real(BackboneSpec(spec.model, str(checkpoint)), model_cfg)
+        return real(spec, model_cfg)
+
+    monkeypatch.setattr(backbone_module, "_resolve_weights", resolve)
+    tags = ["laion", "openai"]
+    monkeypatch.setattr("open_clip.pretrained.list_pretrained_tags_by_model", lambda model: tags)
+    backbone = load_backbone(BackboneSpec("bench-tiny-vit", "auto", cache_dir=tmp_path, device="cpu"))
+    assert calls == ["auto", "openai"]  # openai first, and no fallback once it resolves
+    assert backbone.identity.weights.startswith("file:tiny.bin:") and backbone.weights_warning is None
+
+
+def test_paper_config_is_strict_about_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bench.config import load_config
+
+    _no_network(monkeypatch, tmp_path)
+    config = load_config(Path(__file__).parents[1] / "configs" / "paper.yaml")
+    assert (config.backbone, config.pretrained) == ("ViT-L-14-336-quickgelu", "openai")
+    with pytest.raises(BackboneError) as info:
+        load_backbone(BackboneSpec(config.backbone, config.pretrained, cache_dir=tmp_path, device="cpu"))
+    assert_how_to(str(info.value))

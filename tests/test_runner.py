@@ -693,3 +693,19 @@ def test_repeated_methods_or_targets_are_not_computed_twice(
         return  # refusing repeated values, as for shots and seeds, is an acceptable fix
     done = [str(c) for c in summary.cells_done]
     assert len(done) == len(set(done))
+
+
+def test_auto_weights_fallback_is_loud_and_recorded(make_config: Callable[..., RunConfig]) -> None:
+    """`--pretrained auto` without weights: a warning panel, and random-init in every record."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    output = StringIO()
+    config = make_config(pretrained="auto", name=None)  # the tiny model has no published weights at all
+    summary = run_grid(config, console=Console(file=output, width=200), show_progress=False)
+    text = output.getvalue()
+    assert "FALLING BACK TO RANDOM INIT" in text and "RANDOM-INIT" in text
+    assert summary.backbone is not None and summary.backbone.weights == "random-init"
+    assert summary.run_dir.name.endswith("random-init")
+    assert all(cell.backbone.random_init for cell in load_cells(summary.run_dir))

@@ -7,9 +7,13 @@ the provider before tests/test_data.py exercises the provider hook with a fake "
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -48,15 +52,142 @@ def grey_in_fov(ph: ModuleType, image) -> np.ndarray:
 # --------------------------------------------------------------------------- determinism
 
 
+# Pinned output: sha256 of ``rgb.tobytes()`` and ``mask.tobytes()`` of small images that
+# between them use every code path (linear and convex probes, scan conversion, spatial
+# compounding, speckle reduction, spikes, microlobulation, halo, shadowing, indistinct
+# margin, calcifications, callipers and text). Any platform, CPU or library difference
+# that changes a single bit fails here. If a deliberate generator change moves them:
+# bump GENERATOR_VERSION and update the digests (print them with _digests()).
+PINNED_SPEC = {"normal": 1, "benign": 2, "malignant": 2, "seed": 3, "size": [160, 120]}
+PINNED = {
+    "device-a/3": (
+        "69b45d8438ee30a99a5381a591fb500196f3dd651697cf4191b58d3db44e72e7",
+        "e479ac5c9cea17eaf6770392b90b1d2a0634967a12a64318ee686691748203cd",
+    ),
+    "device-b/4": (
+        "972a356619fa6a83a616da0c84e578da4b8d2026f4bfe8784d76a3a3fd7e645c",
+        "f6bbfe63987870e684d492d7a7b6e8e062ae5890bc1468f6662d5dfc070efafd",
+    ),
+    "device-d/2": (
+        "7dcf2cc02b349c7aac30032aed98bd65facf66ae26b3797c120419b81ab4dd8f",
+        "2e734fe9df4b677393ebbc4629ed403afe3e9aac754dd65d6fdda08994ff9601",
+    ),
+}
+# Run in a fresh interpreter (below: with numpy's SIMD kernels switched off) and by the test.
+DIGEST_SCRIPT = """
+import hashlib, json, sys
+import bench.phantom as ph
+spec = ph.PhantomSpec(**json.loads(sys.argv[1]))
+out = {}
+for key in json.loads(sys.argv[2]):
+    device, index = key.split("/")
+    image = ph.generate_image(spec, int(index), device)
+    out[key] = [hashlib.sha256(a.tobytes()).hexdigest() for a in (image.rgb, image.mask)]
+print(json.dumps(out))
+"""
+
+
+def _digests(ph: ModuleType) -> dict[str, tuple[str, str]]:
+    spec = ph.PhantomSpec(**PINNED_SPEC)
+    out = {}
+    for key in PINNED:
+        device, index = key.split("/")
+        image = ph.generate_image(spec, int(index), device)
+        assert image.rgb.shape == (120, 160, 3) and image.rgb.flags.c_contiguous and image.mask.any()
+        out[key] = (
+            hashlib.sha256(image.rgb.tobytes()).hexdigest(),
+            hashlib.sha256(image.mask.tobytes()).hexdigest(),
+        )
+    return out
+
+
+def test_pinned_checksums(ph: ModuleType) -> None:
+    """The same images, bit for bit, on every machine and library build (see docs/phantom.md)."""
+    assert ph.GENERATOR_VERSION == "2"  # the digests below belong to this version
+    found = _digests(ph)
+    for key, (rgb, mask) in PINNED.items():
+        assert found[key][1] == mask, f"{key}: lesion mask differs from the pinned one"
+        assert found[key][0] == rgb, f"{key}: image bytes differ from the pinned ones"
+
+
+def test_bits_do_not_depend_on_numpy_simd_kernels(ph: ModuleType) -> None:
+    """Another CPU, emulated: numpy with every run-time dispatched SIMD target disabled.
+
+    (The float32 generator of version 1 failed this: most images moved by one grey level
+    in a few pixels.)
+    """
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    available = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
+    if not available:
+        pytest.skip("this CPU has no SIMD targets beyond numpy's baseline to switch off")
+    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES=" ".join(available))
+    result = subprocess.run(
+        [sys.executable, "-c", DIGEST_SCRIPT, json.dumps(PINNED_SPEC), json.dumps(list(PINNED))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    other = {key: tuple(value) for key, value in json.loads(result.stdout.splitlines()[-1]).items()}
+    assert other == _digests(ph), f"with {available} disabled the images differ"
+
+
+def test_stablemath_is_accurate_and_platform_independent(ph: ModuleType) -> None:
+    from bench.phantom import stablemath as sm
+
+    x = np.linspace(-60.0, 60.0, 20001)
+    sin, cos = sm.sincos(x)
+    assert np.abs(sin - np.sin(x)).max() < 1e-15 and np.abs(cos - np.cos(x)).max() < 1e-15
+    y = np.random.default_rng(0).standard_normal((2, 5000)) * np.array([[1e-3], [1e3]])
+    assert np.abs(sm.atan2(y[0], y[1]) - np.arctan2(y[0], y[1])).max() < 2e-15
+    assert np.abs(sm.atan2(y[1], y[0]) - np.arctan2(y[1], y[0])).max() < 2e-15
+    e = np.linspace(-30.0, 30.0, 2001)
+    assert np.abs(sm.exp(e) / np.exp(e) - 1.0).max() < 1e-15
+    assert (
+        sm.atan2(0.0, 0.0) == 0.0 and sm.atan2(0.0, -1.0) == math.pi and sm.atan2(-1.0, 0.0) == -math.pi / 2
+    )
+    assert isinstance(sm.cos(0.5), float) and sm.cos(0.0) == 1.0 and sm.exp(0.0) == 1.0
+    # Only correctly rounded operations: these are the bits on every IEEE-754 machine.
+    pinned = {
+        sm.sin(1.0): "0x1.aed548f090ceep-1",
+        sm.cos(2.5): "-0x1.9a2f7ef858b7dp-1",
+        sm.sin(-40.0): "-0x1.7d7f78e027f00p-1",
+        sm.atan2(1.0, 3.0): "0x1.4978fa3269ee1p-2",
+        sm.atan2(-2.0, -0.5): "-0x1.d0d6a1369bd34p+0",
+        sm.exp(0.7): "0x1.01c2a61268986p+1",
+        sm.exp(-3.3): "0x1.2e259bb85be85p-5",
+    }
+    assert {value.hex(): text for value, text in pinned.items()} == {text: text for text in pinned.values()}
+    # Scalars and arrays take the same path.
+    assert sm.sin(np.array([1.0]))[0] == sm.sin(1.0)
+
+
 def test_same_call_is_bit_identical_and_seed_matters(ph: ModuleType, spec) -> None:
+    from bench.phantom import bmode, generator
+
     index = lesion_indices(spec, Label.MALIGNANT)[0]
-    for device in ("device-a", "device-b"):
+    firsts = {}
+    for device in ph.DEVICES:
         first = ph.generate_image(spec, index, device)
         second = ph.generate_image(spec, index, device)
         assert first.rgb.dtype == np.uint8 and first.rgb.ndim == 3 and first.rgb.shape[2] == 3
         assert first.mask.dtype == bool and first.mask.shape == first.rgb.shape[:2]
         assert np.array_equal(first.rgb, second.rgb) and np.array_equal(first.mask, second.mask)
         assert first.anatomy == second.anatomy
+        firsts[device] = first
+    # Nothing depends on what was computed before (cached layouts, FFT plans, tables).
+    ph.layout.cache_clear()
+    bmode._transfer.cache_clear()
+    generator._tint_table.cache_clear()
+    for device in reversed(ph.DEVICES):
+        again = ph.generate_image(spec, index, device)
+        assert np.array_equal(again.rgb, firsts[device].rgb) and np.array_equal(
+            again.mask, firsts[device].mask
+        )
     other = ph.generate_image(ph.PhantomSpec.per_class(N_PER_CLASS, seed=8), index, "device-a")
     base = ph.generate_image(spec, index, "device-a")
     assert not np.array_equal(other.rgb, base.rgb)
@@ -125,11 +256,18 @@ def test_class_and_mask_consistency(ph: ModuleType, spec) -> None:
 def test_lesion_region_is_exactly_the_mask(ph: ModuleType, spec) -> None:
     """On a linear probe the simulated grid is the display grid: the scatterers that carry the
     lesion's echogenicity are exactly the mask pixels, and hypoechoic lesions are darker inside."""
+    from bench.phantom.anatomy import lesion_region
+
     checked_dark = 0
     for index in lesion_indices(spec, Label.BENIGN) + lesion_indices(spec, Label.MALIGNANT):
         image = ph.generate_image(spec, index, "device-c", return_envelope=True, return_maps=True)
         assert np.array_equal(image.maps["lesion"], image.mask)
         lesion = image.model.lesion
+        # ... and it is the lesion region evaluated afresh on the display pixels.
+        lay = ph.layout(ph.DEVICES["device-c"])
+        rho = lesion_region(lesion, ph.DEVICES["device-c"], lay.x, lay.z)[0]
+        assert np.array_equal((rho < 1.0) & lay.inside, image.mask)
+        assert image.envelope.dtype == np.float64 and image.maps["echo_db"].dtype == np.float64
         inside_echo = image.maps["echo_db"][image.mask]
         ring = ndimage.binary_dilation(image.mask, iterations=6) & ~image.mask
         if lesion.echo_db < -10 and lesion.echo_pattern != "complex cystic/solid":

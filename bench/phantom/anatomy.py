@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates
 
+from bench.phantom import stablemath as sm
 from bench.phantom.devices import COMMON_DEPTH_MM, COMMON_HALF_WIDTH_MM, DeviceProfile, tissue_to_physical
 from bench.types import Label
 
@@ -142,13 +143,38 @@ class Lesion:
     calcifications: tuple[tuple[float, float, float], ...] = ()  # (u mm, w mm, amplitude dB)
 
     def radius(self, phi: np.ndarray) -> np.ndarray:
-        """``R(phi)``, the boundary radius in the normalised frame."""
-        out = np.ones_like(phi)
-        for k, amp, phase in self.harmonics:
-            out += amp * np.cos(k * phi + phase)
-        for angle, height, width in self.spikes:
-            delta = np.abs(np.mod(phi - angle + math.pi, 2 * math.pi) - math.pi)
-            out += height * np.clip(1.0 - delta / width, 0.0, None)
+        """``R(phi)``, the boundary radius in the normalised frame (float64)."""
+        sin, cos = sm.sincos(np.asarray(phi, dtype=np.float64))
+        return self.radius_cs(np.asarray(cos), np.asarray(sin))
+
+    def radius_cs(self, cos: np.ndarray, sin: np.ndarray, phi: np.ndarray | None = None) -> np.ndarray:
+        """``R`` at the angle whose cosine and sine are given (``phi`` in [-pi, pi] if known).
+
+        Harmonics use ``cos(k phi)``, ``sin(k phi)`` from the angle-addition recurrence,
+        spikes the angle itself (:func:`stablemath.atan2` when not given): only correctly
+        rounded operations, so the lesion boundary is the same on every machine.
+        """
+        out = np.ones_like(cos)
+        if self.harmonics:
+            by_order: dict[int, list[tuple[float, float]]] = {}
+            for k, amp, phase in self.harmonics:
+                by_order.setdefault(int(k), []).append((amp, phase))
+            cos_k, sin_k = cos, sin
+            for k in range(1, max(by_order) + 1):
+                if k > 1:
+                    cos_k, sin_k = cos_k * cos - sin_k * sin, sin_k * cos + cos_k * sin
+                for amp, phase in by_order.get(k, ()):
+                    # amp cos(k phi + phase) = amp (cos k phi cos phase - sin k phi sin phase)
+                    sp, cp = sm.sincos(phase)
+                    out = out + (cos_k * (amp * cp) - sin_k * (amp * sp))
+        if self.spikes:
+            if phi is None:
+                phi = np.asarray(sm.atan2(sin, cos))
+            for angle, height, width in self.spikes:
+                delta = phi - angle  # in [-2 pi, 2 pi]: wrap once into [-pi, pi]
+                delta = np.where(delta > math.pi, delta - 2 * math.pi, delta)
+                delta = np.abs(np.where(delta < -math.pi, delta + 2 * math.pi, delta))
+                out = out + height * np.clip(1.0 - delta / width, 0.0, None)
         return np.maximum(out, 0.3)
 
     @property
@@ -212,7 +238,7 @@ class Tissue:
 def _waves(base: float, waves: tuple[tuple[float, float, float], ...], s: np.ndarray) -> np.ndarray:
     out = np.full(np.shape(s), base, dtype=np.float64)
     for amp, wavelength, phase in waves:
-        out += amp * np.sin(2 * math.pi * np.asarray(s) / wavelength + phase)
+        out += amp * sm.sin(2 * math.pi * np.asarray(s, dtype=np.float64) / wavelength + phase)
     return out
 
 
@@ -351,7 +377,7 @@ def _sample_lesion(rng: np.random.Generator, label: Label, tissue: Tissue) -> Le
     calcs = _choice(rng, f["calcifications"][label]) == "yes"
 
     median, spread = _SIZE[label]
-    long_axis = float(np.clip(median * math.exp(spread * rng.standard_normal()), 5.0, 26.0))
+    long_axis = float(np.clip(median * sm.exp(spread * rng.standard_normal()), 5.0, 26.0))
     if shape == "round":
         aspect = _u(rng, 1.0, 1.15)
     elif shape == "oval":
@@ -439,8 +465,8 @@ def _sample_lesion(rng: np.random.Generator, label: Label, tissue: Tissue) -> Le
             # Clustered, well inside the lesion (below 0.7 of the boundary radius R(phi)).
             pu = float(np.clip(cu + 0.2 * rng.standard_normal(), -0.5, 0.5))
             pw = float(np.clip(cw + 0.2 * rng.standard_normal(), -0.5, 0.5))
-            boundary = float(lesion.radius(np.array([math.atan2(pw, pu)]))[0])
-            scale = min(1.0, 0.7 * boundary / max(math.hypot(pu, pw), 1e-6))
+            boundary = float(lesion.radius(np.array([sm.atan2(pw, pu)]))[0])
+            scale = min(1.0, 0.7 * boundary / max(sm.hypot(pu, pw), 1e-6))
             calcifications.append(
                 (pu * scale * lesion.half_width, pw * scale * lesion.half_height, _u(rng, 14, 22))
             )
@@ -501,12 +527,17 @@ class TissueFields:
         if s.ndim == 2 and d.ndim == 2 and s.shape[0] == 1 and d.shape[1] == 1:
             fr = np.clip((d[:, 0] - _D_RANGE[0]) / step, 0.0, grid.shape[0] - 1.000001)
             r0 = fr.astype(np.intp)
-            wr = (fr - r0).astype(np.float32)[:, None]
+            wr = (fr - r0)[:, None]
             rows = grid[r0] * (1.0 - wr) + grid[r0 + 1] * wr  # (n, grid columns)
+            if shear == 0.0:  # the same columns on every row
+                fc = np.clip((s[0] - _S_RANGE[0]) / step, 0.0, grid.shape[1] - 1.000001)
+                c0 = fc.astype(np.intp)
+                left = rows[:, c0]
+                return left + (rows[:, c0 + 1] - left) * (fc - c0)
             fc = (s + shear * d - _S_RANGE[0]) / step
             fc = np.clip(np.broadcast_to(fc, (d.shape[0], s.shape[1])), 0.0, grid.shape[1] - 1.000001)
             c0 = fc.astype(np.intp)
-            wc = (fc - c0).astype(np.float32)
+            wc = fc - c0
             left = np.take_along_axis(rows, c0, axis=1)
             right = np.take_along_axis(rows, c0 + 1, axis=1)
             return left + (right - left) * wc
@@ -524,7 +555,7 @@ def _smooth_field(
     noise = rng.standard_normal((n_d, n_s))
     smooth = gaussian_filter(noise, (2.5 * stretch, 2.5), mode="wrap")
     smooth /= smooth.std()
-    return smooth.astype(np.float32), step
+    return smooth, step
 
 
 def tissue_fields(anatomy: Anatomy) -> TissueFields:
@@ -549,8 +580,9 @@ def lesion_region(
     cx, cz = tissue_to_physical(device, lesion.centre_s, lesion.centre_d)
     theta_c = lesion.centre_s / device.radius_mm if device.geometry == "convex" else 0.0
     angle = theta_c + lesion.tilt
-    tx, tz = math.cos(angle), -math.sin(angle)  # along the skin
-    nx, nz = math.sin(angle), math.cos(angle)  # into the body
+    sin, cos = sm.sincos(angle)
+    tx, tz = cos, -sin  # along the skin
+    nx, nz = sin, cos  # into the body
     dx = np.asarray(x) - float(cx)
     dz = np.asarray(z) - float(cz)
     reach = lesion.extent_mm + 0.5
@@ -563,8 +595,14 @@ def lesion_region(
         uu = ddx * tx + ddz * tz
         ww = ddx * nx + ddz * nz
         un, wn = uu / lesion.half_width, ww / lesion.half_height
-        phi = np.arctan2(wn, un)
-        rho[near] = np.hypot(un, wn) / lesion.radius(phi)
+        # Only correctly rounded operations from here to the comparison rho < 1 (and in the
+        # coordinates before): the mask is the same bits on every machine.
+        r = np.sqrt(un * un + wn * wn)
+        positive = r > 0
+        cos = np.divide(un, r, out=np.ones_like(r), where=positive)
+        sin = np.divide(wn, r, out=np.zeros_like(r), where=positive)
+        phi = np.asarray(sm.atan2(wn, un)) if lesion.spikes else None
+        rho[near] = r / lesion.radius_cs(cos, sin, phi)
         u[near], w[near] = uu, ww
     return rho, u, w, near
 
@@ -574,8 +612,9 @@ def lesion_point(lesion: Lesion, device: DeviceProfile, u: float, w: float) -> t
     cx, cz = tissue_to_physical(device, lesion.centre_s, lesion.centre_d)
     theta_c = lesion.centre_s / device.radius_mm if device.geometry == "convex" else 0.0
     angle = theta_c + lesion.tilt
-    x = float(cx) + u * math.cos(angle) + w * math.sin(angle)
-    z = float(cz) - u * math.sin(angle) + w * math.cos(angle)
+    sin, cos = sm.sincos(angle)
+    x = float(cx) + u * cos + w * sin
+    z = float(cz) - u * sin + w * cos
     return x, z
 
 
@@ -590,8 +629,9 @@ def _box(s: np.ndarray, d: np.ndarray, cs: float, cd: float, reach: float) -> tu
 
 def _ellipse(s, d, cs, cd, a, b, tilt) -> np.ndarray:
     ds, dd = s - cs, d - cd
-    c, sn = math.cos(tilt), math.sin(tilt)
-    return ((ds * c - dd * sn) / a) ** 2 + ((ds * sn + dd * c) / b) ** 2
+    sn, c = sm.sincos(tilt)
+    u, w = (ds * c - dd * sn) / a, (ds * sn + dd * c) / b
+    return u * u + w * w
 
 
 def tissue_maps(
@@ -609,16 +649,16 @@ def tissue_maps(
     grid is one: ``s`` depends on the scan line only, ``d`` on the sample only); ``x, z``
     (n, m) are the matching physical coordinates (mm) for ``device`` (see
     :mod:`bench.phantom.devices`). The baseline tissue attenuation is not included: the
-    acquisition adds it and the scanner's TGC compensates it. Returns float32 (n, m) maps
+    acquisition adds it and the scanner's TGC compensates it. Returns float64 (n, m) maps
     and the boolean lesion region.
     """
     t = anatomy.tissue
     s = np.asarray(s, dtype=np.float64).reshape(1, -1)
     d = np.asarray(d, dtype=np.float64).reshape(-1, 1)
     shape = (d.shape[0], s.shape[1])
-    alpha = np.zeros(shape, dtype=np.float32)
+    alpha = np.zeros(shape, dtype=np.float64)
     if t.uniform:
-        return np.zeros(shape, dtype=np.float32), alpha, np.zeros(shape, dtype=bool)
+        return np.zeros(shape, dtype=np.float64), alpha, np.zeros(shape, dtype=bool)
     fields = fields or tissue_fields(anatomy)
     fine = fields.sample("fine", s, d)
     coarse = fields.sample("coarse", s, d)
@@ -632,25 +672,27 @@ def tissue_maps(
     in_muscle = (d >= muscle_t) & (d < muscle_b)
     if in_muscle.any():
         wobble = fields.sample("wobble", s, d)
-        ca, sa = math.cos(t.fibre_angle), math.sin(t.fibre_angle)
-        across = (d * ca - s * sa).astype(np.float32)
+        sa, ca = sm.sincos(t.fibre_angle)
+        across = d * ca - s * sa
+        # A continuous quantity (numpy's cos is fine: last-bit differences stay far below
+        # one grey level); only decisions need stablemath.
         fibres = np.cos(2 * math.pi * across / t.fibre_period + 2.5 * wobble)
         muscle = t.muscle_db + 1.0 * fine + 14.0 * np.clip(fibres - 0.6, 0.0, None)
-        echo[in_muscle] = muscle[in_muscle]
+        np.copyto(echo, muscle, where=in_muscle)
     fat_texture = t.fat_db + 1.5 * fine + 1.0 * coarse
     retro = (d >= gland_b) & (d < muscle_t)
-    echo[retro] = fat_texture[retro]
+    np.copyto(echo, fat_texture, where=retro)
     in_gland = (d >= fat_b) & (d < gland_b)
     gland = t.gland_db + t.gland_texture_db * fine + 1.5 * coarse
-    echo[in_gland] = gland[in_gland]
+    np.copyto(echo, gland, where=in_gland)
     # Subcutaneous fat crossed by thin bright Cooper's ligaments (isolines of a smooth field).
     in_fat = (d >= t.skin_mm) & (d < fat_b)
     if in_fat.any():
         strands = fields.sample("strands", s, d, shear=t.ligament_shear)
-        fat = np.where(np.abs(strands) < 0.06, np.float32(t.gland_db + 2.0), fat_texture)
-        echo[in_fat] = fat[in_fat]
+        fat = np.where(np.abs(strands) < 0.06, t.gland_db + 2.0, fat_texture)
+        np.copyto(echo, fat, where=in_fat)
     skin = np.broadcast_to((d >= 0) & (d < t.skin_mm), shape)
-    echo[skin] = 2.0 + fine[skin]
+    np.copyto(echo, 2.0 + fine, where=skin)
     echo[np.broadcast_to((d >= 0) & (d < 0.35), shape)] = 8.0  # skin entry echo
     echo[np.abs(d - muscle_t) < 0.3] = 5.0  # pectoral fascia
     for cs, cd, a, b, tilt, level in t.lobules:
@@ -690,7 +732,7 @@ def tissue_maps(
         rho_n, u_n, w_n = rho[near], u[near], w[near]
         inner = lesion.echo_db + lesion.texture_db * coarse[near]
         if lesion.echo_pattern == "complex cystic/solid":
-            inner = np.where(coarse[near] > 0.2, -9.0 + 2.0 * fine[near], np.float32(lesion.echo_db))
+            inner = np.where(coarse[near] > 0.2, -9.0 + 2.0 * fine[near], lesion.echo_db)
         if lesion.margin_ramp > 0:
             blend = 0.6 * np.clip((rho_n - (1.0 - lesion.margin_ramp)) / lesion.margin_ramp, 0.0, 1.0)
             inner = inner + blend * (tissue_echo - 3.0 - inner)
@@ -700,7 +742,7 @@ def tissue_maps(
             halo = (rho_n >= 1.0) & (rho_n < 1.0 + lesion.halo_width)
             new = np.where(halo, new + lesion.halo_db, new)
         echo[near] = new
-        extra_n = np.zeros(rho_n.shape, dtype=np.float32)
+        extra_n = np.zeros(rho_n.shape, dtype=np.float64)
         if lesion.posterior_db != 0:
             extra = -lesion.posterior_db / (2.0 * 2.0 * lesion.half_height)
             if lesion.posterior == "combined":
@@ -711,4 +753,4 @@ def tissue_maps(
             edge = (rho_n >= 0.92) & (rho_n < 1.1) & (np.abs(w_n) < 0.35 * lesion.half_height)
             extra_n[edge] -= lesion.edge_shadow_db / (2.0 * 0.7 * lesion.half_height)
         alpha[near] += extra_n
-    return echo.astype(np.float32, copy=False), alpha, lesion_mask
+    return echo, alpha, lesion_mask

@@ -19,6 +19,10 @@ turns a profile and an image size into coordinate maps:
 
 Anatomy is defined in millimetres, so the same breast seen by two devices lands at
 different pixels, sizes and shapes, as it would on two real scanners.
+
+All coordinates are float64 and computed with :mod:`bench.phantom.stablemath` (no
+platform-dependent sin/cos/atan2), so the field-of-view masks, the pixel coordinates and
+hence the lesion masks are the same bits on every machine.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from bench.phantom import stablemath as sm
 
 __all__ = [
     "COMMON_DEPTH_MM",
@@ -286,6 +292,26 @@ class Layout:
     def shape(self) -> tuple[int, int]:
         return (self.height, self.width)
 
+    @functools.cached_property
+    def scan_plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """Convex only: bilinear scan conversion of the pixels ``inside``, precomputed.
+
+        ``(index, weight)``, both (4, K) for the K pixels inside: flat beam-grid indices of
+        the four neighbours and their bilinear weights (coordinates clamped to the grid).
+        """
+        if self.scan_index is None:
+            raise ValueError("scan_plan: only convex layouts are scan converted")
+        n, m = self.beam_d.shape
+        rows = np.clip(self.scan_index[0][self.inside], 0.0, n - 1.0)
+        cols = np.clip(self.scan_index[1][self.inside], 0.0, m - 1.0)
+        r0 = np.minimum(rows.astype(np.intp), n - 2)
+        c0 = np.minimum(cols.astype(np.intp), m - 2)
+        wr, wc = rows - r0, cols - c0
+        base = r0 * m + c0
+        index = np.stack([base, base + 1, base + m, base + m + 1])
+        weight = np.stack([(1.0 - wr) * (1.0 - wc), (1.0 - wr) * wc, wr * (1.0 - wc), wr * wc])
+        return index, weight
+
     def depth_to_row(self, depth_mm: float) -> float:
         """Display row (fractional) of the skin depth ``depth_mm`` under the probe centre."""
         return self.physical_to_pixel(0.0, depth_mm)[1]
@@ -301,7 +327,7 @@ class Layout:
         z_top = 0.0
         if self.device.geometry == "convex":
             radius = self.device.radius_mm
-            z_top = radius * math.cos(self.theta_max) - radius
+            z_top = radius * sm.cos(self.theta_max) - radius
         return (left + right) / 2 + x_mm / self.px_mm - 0.5, top + (z_mm - z_top) / self.px_mm - 0.5
 
     def physical_to_beam(self, x_mm: float, z_mm: float) -> tuple[int, int]:
@@ -311,8 +337,8 @@ class Layout:
             col = (x_mm - float(self.beam_x[0, 0])) / self.dx
             return round(row), round(col)
         radius = self.device.radius_mm
-        r = math.hypot(x_mm, z_mm + radius)
-        theta = math.atan2(x_mm, z_mm + radius)
+        r = sm.hypot(x_mm, z_mm + radius)
+        theta = sm.atan2(x_mm, z_mm + radius)
         return round((r - radius) / self.dz), round((theta + self.theta_max) / self.theta_step)
 
 
@@ -321,9 +347,9 @@ def tissue_to_physical(device: DeviceProfile, s_mm: Any, d_mm: Any) -> tuple[Any
     if device.geometry == "linear":
         return s_mm, d_mm
     radius = device.radius_mm
-    theta = np.asarray(s_mm) / radius
-    r = radius + np.asarray(d_mm)
-    return r * np.sin(theta), r * np.cos(theta) - radius
+    sin, cos = sm.sincos(np.asarray(s_mm, dtype=np.float64) / radius)
+    r = radius + np.asarray(d_mm, dtype=np.float64)
+    return r * sin, r * cos - radius
 
 
 @functools.lru_cache(maxsize=32)
@@ -388,14 +414,14 @@ def _linear_layout(device, width, height, box, box_w, box_h) -> Layout:
 def _convex_layout(device, width, height, box, box_w, box_h) -> Layout:
     radius, depth = device.radius_mm, device.depth_mm
     half = math.radians(device.sector_deg / 2)
-    z_top = radius * math.cos(half) - radius
+    z_top = radius * sm.cos(half) - radius
     fov_h = depth - z_top
     # Fit the depth to the box height; the fan's lower flanks may run off the image sides
     # (as on many scanners' zoomed displays), which keeps the black corners small.
     px_mm = fov_h / box_h
     x, z = _display_xy(width, height, box, px_mm, z_top)
-    r = np.hypot(x, z + radius)
-    theta = np.arctan2(x, z + radius)
+    r = sm.hypot(x, z + radius)
+    theta = sm.atan2(x, z + radius)
     d = r - radius
     inside = (np.abs(theta) <= half) & (d >= 0) & (d <= depth)
     half_x = (box[2] - box[0]) / 2 * px_mm
@@ -411,7 +437,7 @@ def _convex_layout(device, width, height, box, box_w, box_h) -> Layout:
     depths = dz * np.arange(n_samples)
     beam_theta, beam_d = np.meshgrid(thetas, depths)
     beam_r = radius + beam_d
-    scan_index = np.stack([d / dz, (theta + half) / theta_step]).astype(np.float32)
+    scan_index = np.stack([d / dz, (theta + half) / theta_step])
     return Layout(
         device=device,
         width=width,
@@ -424,8 +450,8 @@ def _convex_layout(device, width, height, box, box_w, box_h) -> Layout:
         d=d,
         beam_s=radius * beam_theta,
         beam_d=beam_d,
-        beam_x=beam_r * np.sin(beam_theta),
-        beam_z=beam_r * np.cos(beam_theta) - radius,
+        beam_x=beam_r * sm.sin(beam_theta),
+        beam_z=beam_r * sm.cos(beam_theta) - radius,
         dz=dz,
         dx=theta_step * (radius + device.focus_mm),
         box=box,

@@ -7,14 +7,17 @@ Randomness is split in two, so that the same breast can be shown on every device
 * the **acquisition** (speckle, calcification phases, whether callipers are drawn) comes
   from ``SeedSequence([seed, class, case, device number])``.
 
-Everything is a pure function of (spec, index, device): the same call returns the same
-pixels, bit for bit, on one machine and library build (floating-point transcendental
-functions may round differently on other CPUs, which can move a rare pixel by one grey
-level).
+Everything is a pure function of (spec, index, device). The signal chain is float64 /
+complex128 and quantised once, at the end (``np.rint`` to 8 bits); every decision (the
+lesion mask, tissue layers, pixel positions of marks) uses :mod:`bench.phantom.stablemath`
+instead of numpy's platform-dependent transcendental kernels, so masks are the same bits
+everywhere and an 8-bit pixel could only change if a value fell within ~1e-12 of a
+rounding boundary. ``tests/test_phantom.py`` pins checksums of a few images.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import map_coordinates
 
+from bench.phantom import stablemath as sm
 from bench.phantom.anatomy import (
     Anatomy,
     lesion_point,
@@ -39,7 +43,8 @@ from bench.types import CLASSES, Label
 __all__ = ["GENERATOR_VERSION", "PhantomImage", "PhantomSpec", "generate_image", "render"]
 
 #: Part of every cache key: bump it whenever a change alters generated pixels or masks.
-GENERATOR_VERSION = "1"
+#: 2: float64/complex128 signal chain, float64 random draws, stablemath geometry.
+GENERATOR_VERSION = "2"
 
 _CLASS_CODE = {Label.NORMAL: 0, Label.BENIGN: 1, Label.MALIGNANT: 2}
 
@@ -167,6 +172,13 @@ def generate_image(
     )
 
 
+@functools.cache
+def _tint_table(tint: tuple[float, float, float]) -> np.ndarray:
+    """(256, 3) uint8: grey level -> tinted RGB."""
+    levels = np.arange(256, dtype=np.float64)[:, None] * np.asarray(tint, dtype=np.float64)
+    return np.clip(np.rint(levels), 0, 255).astype(np.uint8)
+
+
 def _display_from_beam(lay, beam: np.ndarray, order: int) -> np.ndarray:
     out = np.zeros(lay.shape, dtype=beam.dtype)
     if lay.device.geometry == "linear":
@@ -212,22 +224,27 @@ def render(
                 points.append((row, col, level))
     acq = acquire(device, size, echo, alpha, rng, points=points, want_envelope=return_envelope)
 
-    grey = np.rint(acq.grey * 255.0)
-    tint = np.asarray(device.tint, dtype=np.float32)
-    rgb = np.clip(np.rint(grey[..., None] * tint), 0, 255).astype(np.uint8)
+    # The one quantisation of the float64 signal chain: 8-bit grey (the scanner's display
+    # level), then the tint as a colour look-up table.
+    grey = np.rint(np.clip(acq.grey * 255.0, 0.0, 255.0)).astype(np.uint8)
+    rgb = _tint_table(device.tint)[grey]
 
     mask = np.zeros(lay.shape, dtype=bool)
     callipers = None
     if lesion is not None:
-        rho = lesion_region(lesion, device, lay.x, lay.z)[0]
-        mask = (rho < 1.0) & lay.inside
+        if device.geometry == "linear":
+            # The beam grid is the field of view of the display: the same points, the same region.
+            mask[lay.beam_rows, lay.beam_cols] = lesion_beam
+        else:
+            mask = lesion_region(lesion, device, lay.x, lay.z)[0] < 1.0
+        mask &= lay.inside
         if rng.random() < device.caliper_rate:
             ends = []
             for phi in (0.0, math.pi):
                 reach = lesion.half_width * float(lesion.radius(np.array([phi]))[0]) + 1.0
                 u = reach if phi == 0.0 else -reach
                 ends.append(lay.physical_to_pixel(*lesion_point(lesion, device, u, 0.0)))
-            length = math.dist(ends[0], ends[1]) * lay.px_mm
+            length = sm.hypot(ends[0][0] - ends[1][0], ends[0][1] - ends[1][1]) * lay.px_mm
             callipers = (tuple(ends), length)
     case_id = f"PH{anatomy.seed % 1000:03d}-{_CLASS_CODE[anatomy.label]}{anatomy.case:04d}"
     if overlays:
@@ -236,8 +253,8 @@ def render(
     maps = None
     if return_maps:
         maps = {
-            "echo_db": _display_from_beam(lay, echo.astype(np.float32), 0),
-            "alpha_db_mm": _display_from_beam(lay, alpha.astype(np.float32), 0),
+            "echo_db": _display_from_beam(lay, echo, 0),
+            "alpha_db_mm": _display_from_beam(lay, alpha, 0),
             "lesion": _display_from_beam(lay, lesion_beam.astype(np.uint8), 0).astype(bool),
         }
     meta = anatomy.to_dict()

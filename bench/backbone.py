@@ -70,7 +70,7 @@ from open_clip.transformer import TextTransformer, VisionTransformer, text_globa
 from PIL import Image
 
 from bench.errors import BackboneError
-from bench.feature_cache import CacheStats, FeatureCache, FeatureOverflowError
+from bench.feature_cache import CacheStats, FeatureCache
 from bench.results import BackboneIdentity
 from bench.types import ImageItem
 
@@ -643,28 +643,7 @@ class Backbone:
     def image_features(self, items: Sequence[ImageItem]) -> ImageFeatures:
         """Frozen features of ``items`` (cached on disk; only misses are encoded, in batches)."""
         items = list(items)
-        rows: dict[str, np.ndarray] = {}
-        todo: dict[str, ImageItem] = {}
-        for item in items:
-            if item.key in rows or item.key in todo:
-                continue
-            cached = self.cache.get(item.key)
-            if cached is None:
-                todo[item.key] = item
-            else:
-                rows[item.key] = cached
-        pending = list(todo.values())
-        for start in range(0, len(pending), self.spec.batch_size):
-            chunk = pending[start : start + self.spec.batch_size]
-            computed = self._encode(chunk)
-            for item, row in zip(chunk, computed, strict=True):
-                try:
-                    rows[item.key] = self.cache.put(item.key, row)
-                except FeatureOverflowError as exc:
-                    raise BackboneError(
-                        f"features of image {item.id} cannot be stored as fp16: {exc}; the input or the "
-                        "weights are broken"
-                    ) from exc
+        rows = self.cache.rows(items, self._encode, self.spec.batch_size, "features")
 
         n, n_layers = len(items), len(self.layers)
         d, cls_size, _ = self._sizes

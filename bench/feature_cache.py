@@ -33,12 +33,15 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.errors import BackboneError
+from bench.types import ImageItem
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +206,38 @@ class FeatureCache:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         self._config_written = True
+
+    def rows(
+        self,
+        items: Sequence[ImageItem],
+        compute: Callable[[list[ImageItem]], np.ndarray],
+        batch_size: int,
+        what: str = "features",
+    ) -> dict[str, np.ndarray]:
+        """One stored row per distinct item key: hits read back, misses computed by
+        ``compute`` (a list of items -> array with one row each) in batches and stored."""
+        rows: dict[str, np.ndarray] = {}
+        todo: dict[str, ImageItem] = {}
+        for item in items:
+            if item.key in rows or item.key in todo:
+                continue
+            cached = self.get(item.key)
+            if cached is None:
+                todo[item.key] = item
+            else:
+                rows[item.key] = cached
+        pending = list(todo.values())
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            for item, row in zip(chunk, compute(chunk), strict=True):
+                try:
+                    rows[item.key] = self.put(item.key, row)
+                except FeatureOverflowError as exc:
+                    raise BackboneError(
+                        f"{what} of image {item.id} cannot be stored as fp16: {exc}; the input or the "
+                        "weights are broken"
+                    ) from exc
+        return rows
 
     # -- bookkeeping --------------------------------------------------------------------
     def stats(self) -> CacheStats:

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.errors import BackboneError
-from bench.feature_cache import FeatureCache, FeatureOverflowError
+from bench.feature_cache import FeatureCache
 from bench.types import ImageItem
 
 if TYPE_CHECKING:
@@ -233,6 +232,14 @@ class WindowEncoder:
         return outputs, final
 
     # -- cached access -------------------------------------------------------------------
+    def _compute(self, chunk: list[ImageItem]) -> np.ndarray:
+        """Window embeddings (and final patch tokens when stored) of images not yet cached."""
+        batch = torch.stack([self.backbone.preprocess(item.rgb()) for item in chunk])
+        windows, final = self.encode_tensor(batch)
+        parts = [w.flatten(1) for w in windows] + ([final.flatten(1)] if final is not None else [])
+        self.n_encoded += len(chunk)
+        return torch.cat(parts, dim=1).cpu().numpy()
+
     def encode(self, items: Sequence[ImageItem]) -> WindowFeatures:
         """Window features of ``items`` (cached on disk; only misses are computed, in batches)."""
         items = list(items)
@@ -243,32 +250,7 @@ class WindowEncoder:
             return WindowFeatures(
                 empty, torch.empty(0, n, width, device=device) if self.store_final_patches else None
             )
-        rows: dict[str, np.ndarray] = {}
-        todo: dict[str, ImageItem] = {}
-        for item in items:
-            if item.key in rows or item.key in todo:
-                continue
-            cached = self.cache.get(item.key)
-            if cached is None:
-                todo[item.key] = item
-            else:
-                rows[item.key] = cached
-        pending = list(todo.values())
-        for start in range(0, len(pending), self.backbone.spec.batch_size):
-            chunk = pending[start : start + self.backbone.spec.batch_size]
-            batch = torch.stack([self.backbone.preprocess(item.rgb()) for item in chunk])
-            windows, final = self.encode_tensor(batch)
-            parts = [w.flatten(1) for w in windows] + ([final.flatten(1)] if final is not None else [])
-            flat = torch.cat(parts, dim=1).cpu().numpy()
-            self.n_encoded += len(chunk)
-            for item, row in zip(chunk, flat, strict=True):
-                try:
-                    rows[item.key] = self.cache.put(item.key, row)
-                except FeatureOverflowError as exc:
-                    raise BackboneError(
-                        f"window embeddings of image {item.id} cannot be stored as fp16: {exc}"
-                    ) from exc
-
+        rows = self.cache.rows(items, self._compute, self.backbone.spec.batch_size, "window embeddings")
         stacked = np.stack([np.asarray(rows[item.key], dtype=np.float32) for item in items])
         tensor = torch.from_numpy(stacked).to(self.backbone.device)
         out, offset = [], 0

@@ -251,3 +251,29 @@ def test_error_messages_are_printed_verbatim(label: str, data: SyntheticData) ->
     rewrite_row(data.target_b.manifest, 0, label=label)
     code, out, err = bench("datasets", data.target_b.manifest)
     assert_clean_error(code, out, err, f"unknown label '{label}'")
+
+
+def test_phantom_export_writes_a_busi_folder_that_reads_back(tmp_path: Path, wide_consoles: None) -> None:
+    out = tmp_path / "export"
+    code, stdout, _ = bench("phantom", "export", out, "--device", "device-b", "--n", "2", "--size", "96x64")
+    assert code == 0 and "wrote 6 device-b phantom images" in flat(stdout)
+    for label in ("normal", "benign", "malignant"):
+        names = sorted(p.name for p in (out / label).glob("*.png"))
+        expected = [f"{label} ({i}){suffix}.png" for i in (1, 2) for suffix in ("", "_mask")]
+        assert names == expected
+    code, stdout, _ = bench("datasets", out)
+    assert code == 0 and "no problems found" in flat(stdout)
+    # Exporting into a folder that already holds a dataset is refused, not overwritten.
+    code, _, stderr = bench("phantom", "export", out, "--n", "1")
+    assert code == 2 and "error:" in stderr
+    code, _, stderr = bench("phantom", "export", tmp_path / "bad", "--size", "ten")
+    assert code == 2 and "--size must look like" in flat(stderr)
+
+
+def test_phantom_devices_lists_every_simulated_device(wide_consoles: None) -> None:
+    from bench.phantom import DEVICES
+
+    code, stdout, _ = bench("phantom", "devices")
+    assert code == 0 and len(DEVICES) >= 4
+    for name in DEVICES:
+        assert name in stdout

@@ -472,6 +472,19 @@ def prediction_from_logits(logits: torch.Tensor) -> Prediction:
     return Prediction(scores=scores.numpy().astype(np.float64), probs=probs.numpy().astype(np.float64))
 
 
+#: CoOp's published optimisation schedule (Dassl SGD, cosine after a constant warm-up), also
+#: used by CLIP-Adapter, whose official code runs on CoOp's configs.
+COOP_SCHEDULE: dict[str, Any] = {
+    "lr": 0.002,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "warmup_epochs": 1,
+    "warmup_lr": 1e-5,
+    "train_views": 0,
+    "logit_scale": None,
+}
+
+
 def common_config(*, templates: bool = True) -> dict[str, Any]:
     """The options every few-shot classifier has (fresh copies)."""
     config: dict[str, Any] = {"class_names": dict(DEFAULT_CLASS_NAMES)}

@@ -31,7 +31,7 @@ from torch import nn
 
 from bench import fewshot
 from bench.errors import MethodError
-from bench.fewshot import FewShotClassifier, common_config
+from bench.fewshot import COOP_SCHEDULE, FewShotClassifier, common_config
 from bench.method import MethodContext, SupportSet
 from bench.types import ImageItem
 
@@ -60,13 +60,7 @@ class CLIPAdapter(FewShotClassifier):
         "reduction": 4,
         "epochs": None,
         "batch_size": 32,
-        "lr": 0.002,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 1,
-        "warmup_lr": 1e-5,
-        "train_views": 0,
-        "logit_scale": None,
+        **COOP_SCHEDULE,
     }
 
     def __init__(self, ctx: MethodContext) -> None:

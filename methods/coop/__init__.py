@@ -37,20 +37,10 @@ import torch.nn.functional as F
 
 from bench import fewshot
 from bench.errors import MethodError
-from bench.fewshot import FewShotClassifier, common_config
+from bench.fewshot import COOP_SCHEDULE, FewShotClassifier, common_config
 from bench.method import MethodContext, SupportSet
 from bench.prompt_learning import POSITIONS, PromptLearner
 from bench.types import ImageItem
-
-SCHEDULE_CONFIG: dict[str, Any] = {
-    "lr": 0.002,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "warmup_epochs": 1,
-    "warmup_lr": 1e-5,
-    "train_views": 0,
-    "logit_scale": None,
-}
 
 
 class CoOp(FewShotClassifier):
@@ -68,7 +58,7 @@ class CoOp(FewShotClassifier):
         "init_std": 0.02,
         "epochs": None,
         "batch_size": 32,
-        **SCHEDULE_CONFIG,
+        **COOP_SCHEDULE,
     }
     meta_net: ClassVar[bool] = False
     progress_label: ClassVar[str] = "coop epochs"
@@ -175,7 +165,7 @@ class CoCoOp(CoOp):
         "init_std": 0.02,
         "epochs": 10,
         "batch_size": 1,
-        **SCHEDULE_CONFIG,
+        **COOP_SCHEDULE,
     }
     meta_net = True
     progress_label = "cocoop epochs"

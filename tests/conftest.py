@@ -22,6 +22,7 @@ from rich.console import Console
 
 from bench.config import RunConfig, load_config
 from bench.method import Method
+from bench.types import ImageItem
 
 #: Synthetic image size (width, height): small and not square, to exercise the squash.
 IMAGE_SIZE = (48, 40)
@@ -161,6 +162,20 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 # --------------------------------------------------------------------------- damage
+
+
+#: The metrics a detect+classify method's cell records.
+CLASSIFIER_METRICS = {"image_auroc", "class_auroc", "class_accuracy", "class_balanced_accuracy"}
+
+
+def random_items(n: int, seed: int, shape: tuple[int, int], prefix: str, key_prefix: str) -> list[ImageItem]:
+    """``n`` random RGB images as ImageItems: ids ``<prefix>{i}``, keys ``<key_prefix>-<seed>-<i>``."""
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8) for _ in range(n)]
+    return [
+        ImageItem(id=f"{prefix}{i}", key=f"{key_prefix}-{seed}-{i:03d}", loader=lambda a=image: a)
+        for i, image in enumerate(images)
+    ]
 
 
 def rewrite_row(manifest: Path, row: int, **cells: str) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ConfigFactory, SyntheticData, cell_dirs, run_dir_of
+from conftest import CLASSIFIER_METRICS, ConfigFactory, SyntheticData, cell_dirs, run_dir_of
 
 from bench import fewshot
 from bench.backbone import BackboneSpec, ImageFeatures, load_backbone
@@ -410,12 +410,7 @@ def test_all_six_run_in_the_grid(make_config: ConfigFactory, shared_data: Synthe
     assert {c.split("/")[0] for c in cells} == set(FEWSHOT) and len(cells) == len(FEWSHOT)
     for cell in cells:
         record = json.loads((run_dir / cell / "cell.json").read_text())
-        assert set(record["metrics"]) == {
-            "image_auroc",
-            "class_auroc",
-            "class_accuracy",
-            "class_balanced_accuracy",
-        }
+        assert set(record["metrics"]) == CLASSIFIER_METRICS
         assert all(0.0 <= v <= 1.0 for v in record["metrics"].values())
     # each image through the frozen backbone once: 6 support + 9 test images; the
     # augmented views of Tip-Adapter's keys are extra views, not counted there

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_items
 
 from bench import fewshot
 from bench.backbone import BackboneSpec, load_backbone
@@ -18,12 +19,7 @@ NAMES = list(fewshot.DEFAULT_CLASS_NAMES.values())
 
 
 def make_items(n: int, seed: int = 0, shape: tuple[int, int] = (40, 56)) -> list[ImageItem]:
-    rng = np.random.default_rng(seed)
-    images = [rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8) for _ in range(n)]
-    return [
-        ImageItem(id=f"fs{i}", key=f"fs-{seed}-{i:03d}", loader=lambda a=image: a)
-        for i, image in enumerate(images)
-    ]
+    return random_items(n, seed, shape, prefix="fs", key_prefix="fs")
 
 
 @pytest.fixture(scope="module")

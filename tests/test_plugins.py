@@ -15,7 +15,17 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, SyntheticData, bench, cell_dirs, flat, run_dir_of, table_rows, tiny_config
+from conftest import (
+    CLASSIFIER_METRICS,
+    REPO_ROOT,
+    SyntheticData,
+    bench,
+    cell_dirs,
+    flat,
+    run_dir_of,
+    table_rows,
+    tiny_config,
+)
 
 import bench.registry as registry
 from bench.errors import MethodError
@@ -171,12 +181,7 @@ def test_readme_example_method_runs_as_a_plugin(
     assert probe_cells <= cell_dirs(run_dir)
     for cell in probe_cells:
         record = json.loads((run_dir / cell / "cell.json").read_text())
-        assert set(record["metrics"]) == {
-            "image_auroc",
-            "class_auroc",
-            "class_accuracy",
-            "class_balanced_accuracy",
-        }
+        assert set(record["metrics"]) == CLASSIFIER_METRICS
         assert record["tasks"] == ["classify", "detect"]
         stored = json.loads((run_dir / cell / "support.json").read_text())
         assert all(len(ids) == 2 for ids in stored["ids"].values())

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_items
 
 from bench.backbone import BackboneSpec, ImageFeatures, load_backbone
 from bench.errors import MethodError
@@ -18,12 +19,7 @@ EVAL_SIZE = 40
 
 
 def make_items(n: int, seed: int = 0) -> list[ImageItem]:
-    rng = np.random.default_rng(seed)
-    images = [rng.integers(0, 256, size=(56, 72, 3), dtype=np.uint8) for _ in range(n)]
-    return [
-        ImageItem(id=f"z{i}", key=f"zs-{seed}-{i:03d}", loader=lambda a=image: a)
-        for i, image in enumerate(images)
-    ]
+    return random_items(n, seed, (56, 72), prefix="z", key_prefix="zs")
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: Row groups of the printed tables, in the paper's order: training-free references,
+#: anomaly-detection baselines, few-shot classifiers, methods of no known group (plugins),
+#: then the paper's own method and its ablations.
+TABLE_GROUPS: tuple[str, ...] = ("reference", "anomaly", "classifier", "other", "ours")
+
 
 @dataclass(frozen=True)
 class SupportSet:
@@ -131,6 +136,12 @@ class Method(ABC):
     uses_backbone: ClassVar[bool] = True
     #: How many test images the runner passes to one :meth:`predict` call.
     predict_batch_size: ClassVar[int] = 32
+    #: Which block of rows the method sits in when tables are printed (see :data:`TABLE_GROUPS`).
+    table_group: ClassVar[str] = "other"
+    #: Position inside its group (the paper's row order); ties are broken by name.
+    table_rank: ClassVar[int] = 100
+    #: The method whose ablation table lists this one as a row (the full method names itself).
+    ablation_of: ClassVar[str | None] = None
 
     def __init__(self, ctx: MethodContext) -> None:
         unknown = set(ctx.config) - set(self.default_config)

@@ -53,6 +53,8 @@ def blend(features: torch.Tensor, adapter: nn.Module, ratio: float) -> torch.Ten
 
 class CLIPAdapter(FewShotClassifier):
     name = "clipadapter"
+    table_group = "classifier"
+    table_rank = 2
     description = "CLIP-Adapter: residual bottleneck MLP on the frozen image feature (ratio 0.2)"
     default_config: ClassVar[Mapping[str, Any]] = {
         **common_config(),

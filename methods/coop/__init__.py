@@ -47,6 +47,8 @@ class CoOp(FewShotClassifier):
     """Context Optimization: M learnable context vectors shared by (or specific to) the classes."""
 
     name = "coop"
+    table_group = "classifier"
+    table_rank = 4
     description = "CoOp: learned prompt context (16 tokens) through the frozen text encoder"
     uses_templates = False
     default_config: ClassVar[Mapping[str, Any]] = {
@@ -154,6 +156,8 @@ class CoCoOp(CoOp):
     """Conditional CoOp: context tokens shifted per image by a meta-net of the image feature."""
 
     name = "cocoop"
+    table_group = "classifier"
+    table_rank = 5
     description = (
         "CoCoOp: image-conditioned prompt context (4 tokens + meta-net) through the frozen text encoder"
     )

@@ -22,6 +22,8 @@ class IntensityBaseline(Method):
     """Map = smoothed inverted brightness at the evaluation resolution; score = its quantile."""
 
     name = "intensity"
+    table_group = "reference"
+    table_rank = 1
     description = "No-CLIP floor: smoothed inverted brightness as map, its high quantile as score"
     tasks = frozenset({Task.DETECT, Task.LOCALIZE})
     uses_support = False

@@ -81,6 +81,8 @@ def lpp_logits(
 
 class LPPlusPlus(FewShotClassifier):
     name = "lpp"
+    table_group = "classifier"
+    table_rank = 1
     description = (
         "LP++: linear probe blended with text weights, data-driven step sizes (300 full-batch epochs)"
     )

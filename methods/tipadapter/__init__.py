@@ -140,6 +140,8 @@ class TipAdapter(FewShotClassifier):
     """Training-free cache model over augmented support keys (alpha, beta by support-set LOO)."""
 
     name = "tipadapter"
+    table_group = "classifier"
+    table_rank = 3
     description = "Tip-Adapter: training-free cache model over augmented support features (CLIP few-shot)"
     default_config: ClassVar[Mapping[str, Any]] = {
         **common_config(),
@@ -250,6 +252,8 @@ class TipAdapterF(TipAdapter):
     """Tip-Adapter with the cache keys fine-tuned (fixed epoch count, alpha/beta by support k-fold CV)."""
 
     name = "tipadapter-f"
+    table_group = "classifier"
+    table_rank = 3
     description = "Tip-Adapter-F: Tip-Adapter cache with fine-tuned keys (AdamW, cosine, 20 epochs)"
     default_config: ClassVar[Mapping[str, Any]] = {
         **TipAdapter.default_config,

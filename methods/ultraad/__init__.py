@@ -266,6 +266,9 @@ class UltraAD(Method):
     """UltraAD: IAP prompts + per-layer adapters + PIF maps, memory-boosted 3-class classifier."""
 
     name = "ultraad"
+    table_group = "ours"
+    table_rank = 0
+    ablation_of = "ultraad"
     description = "UltraAD: image-aware prompts, patch adapters, PIF fusion, memory-boosted classifier"
     tasks = ALL_TASKS
     uses_support = True
@@ -508,6 +511,9 @@ class UltraADUltrasoundUnaware(UltraAD):
     """Ablation: class descriptions without ultrasound / pathology wording ("This is a {class} image.")."""
 
     name = "ultraad-us-unaware"
+    table_group = "ours"
+    table_rank = 1
+    ablation_of = "ultraad"
     description = "UltraAD ablation: ultrasound-unaware class descriptions ('This is a {class} image.')"
     default_config: ClassVar[Mapping[str, Any]] = {**DEFAULT_CONFIG, "descriptions": "ultrasound-unaware"}
 
@@ -516,6 +522,9 @@ class UltraADNoJoint(UltraAD):
     """Ablation: segmentation losses only, no classifier (localisation only; score = max of the map)."""
 
     name = "ultraad-no-joint"
+    table_group = "ours"
+    table_rank = 2
+    ablation_of = "ultraad"
     description = "UltraAD ablation: no joint learning (segmentation losses only, no classifier)"
     tasks = frozenset({Task.LOCALIZE})
     default_config: ClassVar[Mapping[str, Any]] = {**DEFAULT_CONFIG, "joint": False}
@@ -525,6 +534,9 @@ class UltraADNoPIF(UltraAD):
     """Ablation: maps from the adapted patch tokens and the IAP prompts only (M, no fusion)."""
 
     name = "ultraad-no-pif"
+    table_group = "ours"
+    table_rank = 3
+    ablation_of = "ultraad"
     description = "UltraAD ablation: no patch-wise image-language fusion (map M only)"
     default_config: ClassVar[Mapping[str, Any]] = {**DEFAULT_CONFIG, "pif": False}
 

@@ -74,6 +74,8 @@ class WinCLIP(Method):
     """Zero-shot WinCLIP: compositional prompts, multi-scale windows, harmonic aggregation."""
 
     name = "winclip"
+    table_group = "anomaly"
+    table_rank = 0
     description = "WinCLIP zero-shot: prompt ensemble + multi-scale window embeddings (training-free)"
     tasks = frozenset({Task.DETECT, Task.LOCALIZE})
     uses_support = False
@@ -211,6 +213,8 @@ class WinCLIPFewShot(WinCLIP):
     """WinCLIP+: zero-shot WinCLIP averaged with nearest-normal-reference association scores."""
 
     name = "winclip-fewshot"
+    table_group = "anomaly"
+    table_rank = 0
     description = "WinCLIP+ few-shot: zero-shot WinCLIP + association to the normal support images"
     uses_support = True
     default_config: ClassVar[Mapping[str, Any]] = {

@@ -47,6 +47,8 @@ def build_prompts(states: Sequence[str], templates: Sequence[str], obj: str) -> 
 
 class ZeroShotCLIP(Method):
     name = "zeroshot"
+    table_group = "reference"
+    table_rank = 0
     description = "CLIP zero-shot with normal/abnormal and 3-class prompt ensembles (training-free)"
     tasks = frozenset({Task.DETECT, Task.CLASSIFY, Task.LOCALIZE})
     uses_support = False

@@ -188,6 +188,7 @@ def methods_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also list each method's options")] = False,
 ) -> None:
     """List the registered methods (built-in and plugins), the tasks they do, and a description."""
+    from bench.kit.options import describe as describe_options
     from bench.registry import available_methods
     from bench.types import Task
 
@@ -197,15 +198,17 @@ def methods_command(
         table.add_column(str(task), justify="center")
     table.add_column("support")
     table.add_column("description")
-    if verbose:
-        table.add_column("options")
-    for name, cls in sorted(available_methods().items()):
+    methods = sorted(available_methods().items())
+    for name, cls in methods:
         row = [name, *("yes" if t in cls.tasks else "-" for t in Task)]
         row += ["few-shot" if cls.uses_support else "zero-shot", cls.description]
-        if verbose:
-            row.append(", ".join(f"{k}={v!r}" for k, v in cls.default_config.items()))
         table.add_row(*row)
     console.print(table)
+    if verbose:
+        for name, cls in methods:
+            console.print(f"\n[bold]{escape(name)}[/] options (method_config: {{{escape(name)}: {{...}}}}):")
+            for line in describe_options(cls.options) or ["(none)"]:
+                console.print(f"  {escape(line)}", highlight=False)
 
 
 @app.command("datasets")

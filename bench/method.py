@@ -22,7 +22,8 @@ from bench.types import CLASSES, ImageItem, Task
 if TYPE_CHECKING:
     import torch
 
-    from bench.backbone import Backbone
+    from bench.kit.clip import Backbone
+    from bench.kit.options import Option
 
 T = TypeVar("T")
 
@@ -117,8 +118,9 @@ class Method(ABC):
     """Base class of every benchmarked method.
 
     Subclasses set the class attributes and implement :meth:`predict` (and :meth:`fit`
-    when they learn from the support set). ``default_config`` lists every option with
-    its default; the run's YAML section for the method overrides it key by key.
+    when they learn from the support set). ``options`` declares every option (type,
+    default, allowed values, help); the run's YAML section for the method overrides the
+    defaults key by key and is validated against the schema before the method sees it.
     """
 
     #: Registry name, used on the command line and as the table row.
@@ -127,7 +129,10 @@ class Method(ABC):
     description: ClassVar[str]
     #: The outputs the method produces; tables show "-" for the others.
     tasks: ClassVar[frozenset[Task]]
-    #: Options and their defaults.
+    #: The option schema (:class:`bench.kit.options.Option` per name); ``default_config`` is
+    #: derived from it. A class that sets only ``default_config`` gets a schema inferred from it.
+    options: ClassVar[Mapping[str, Option]] = {}
+    #: Every option's default (derived from :attr:`options`).
     default_config: ClassVar[Mapping[str, Any]] = {}
     #: False for methods that ignore the support set: the grid runs them once per target
     #: (shots 0, seed 0) and tables show one value for every shots column.
@@ -143,17 +148,21 @@ class Method(ABC):
     #: The method whose ablation table lists this one as a row (the full method names itself).
     ablation_of: ClassVar[str | None] = None
 
-    def __init__(self, ctx: MethodContext) -> None:
-        unknown = set(ctx.config) - set(self.default_config)
-        if unknown:
-            from bench.errors import MethodError
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        from bench.kit.options import defaults, infer_schema
 
-            raise MethodError(
-                f"method {self.name!r}: unknown option(s) {sorted(unknown)} in its config section; "
-                f"known options: {sorted(self.default_config)}"
-            )
+        if "options" in cls.__dict__:
+            cls.default_config = defaults(cls.options)
+        elif "default_config" in cls.__dict__:
+            cls.options = infer_schema(cls.default_config)
+
+    def __init__(self, ctx: MethodContext) -> None:
+        from bench.kit.options import validate
+
         self.ctx = ctx
-        self.config: dict[str, Any] = {**self.default_config, **ctx.config}
+        #: The validated options: defaults overridden by the run's config section.
+        self.config: dict[str, Any] = validate(self.options, ctx.config, self.name)
 
     def fit(self, support: SupportSet) -> None:  # noqa: B027 - training-free methods keep the default
         """Adapt to the support set. Training-free methods need not override this."""

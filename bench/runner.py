@@ -13,9 +13,6 @@ fit the same unit twice and together cover the grid.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import (
@@ -40,22 +36,25 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from bench.backbone import Backbone, BackboneSpec, load_backbone, resolve_device
 from bench.config import RunConfig, shard_index, slug
 from bench.data import Dataset, eval_mask, image_item, resolve_dataset, sample_support
-from bench.errors import ConfigError, MethodError, ResultsError
+from bench.errors import ConfigError, MethodError
+from bench.kit.clip import Backbone
 from bench.method import Method, MethodContext, Prediction, SupportSet
 from bench.metrics import PixelMetricAccumulator, image_metrics
 from bench.registry import get_method, resolve_method_names
 from bench.results import (
-    CELL_FILE,
     BackboneIdentity,
+    CellOutput,
     CellRecord,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
+    MethodMeta,
+    finished_cell,
+    json_options,
+    task_metrics,
+    write_cell,
 )
 from bench.types import CLASSES, ImageItem, Task, label_index
+from bench.weights import BackboneSpec, load_backbone, resolve_device
 
 #: Probabilities must sum to one within this tolerance.
 PROB_SUM_TOLERANCE = 1e-4
@@ -275,7 +274,11 @@ class Runner:
         for unit in units:
             cells = [Cell(unit, targets[t].name) for t in c.targets]
             options = self._method_options(unit.method)
-            todo = [cell for cell in cells if not self._finished(cell, identity, options)]
+            todo = [
+                cell
+                for cell in cells
+                if not finished_cell(cell.directory(run_dir), identity, c.eval_size, unit.method, options)
+            ]
             summary.cells_skipped.extend(cell for cell in cells if cell not in todo)
             if todo:
                 pending.append((unit, todo))
@@ -322,39 +325,7 @@ class Runner:
     def _method_options(self, method: str) -> dict[str, Any]:
         """The method's options as this run resolves them, in their JSON form."""
         cls = get_method(method)
-        merged = {**cls.default_config, **self.config.method_config.get(method, {})}
-        return json.loads(json.dumps(merged, sort_keys=True, default=str))
-
-    def _finished(self, cell: Cell, identity: BackboneIdentity, options: dict[str, Any]) -> bool:
-        """True when the cell's record exists and was made with this backbone, evaluation size and
-        method options; a record made differently is an error, never silently reused."""
-        path = cell.directory(self.run_dir) / CELL_FILE
-        if not path.exists():
-            return False
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            same = BackboneIdentity.from_dict(stored["backbone"]) == identity
-            same_eval = int(stored["eval_size"]) == self.config.eval_size
-            stored_options = stored.get("method_options", options)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ResultsError(
-                f"{path} is unreadable ({exc}); delete that cell directory to recompute it"
-            ) from exc
-        if not (same and same_eval):
-            raise ResultsError(
-                f"{path} was made with another backbone or evaluation size "
-                f"({stored['backbone']}, eval {stored['eval_size']}) than this run ({identity}, eval "
-                f"{self.config.eval_size}); use another --name or --out so results never mix"
-            )
-        if stored_options != options:
-            changed = sorted(
-                k for k in set(options) | set(stored_options) if options.get(k) != stored_options.get(k)
-            )
-            raise ResultsError(
-                f"{path} was made with other options of method {cell.unit.method!r} (changed: "
-                f"{', '.join(changed)}); use another --name or --out, or delete those cells to recompute them"
-            )
-        return True
+        return json_options({**cls.default_config, **self.config.method_config.get(method, {})})
 
     @contextmanager
     def _progress(self) -> Iterator[Progress | None]:
@@ -459,11 +430,7 @@ class Runner:
         metrics: dict[str, float] = {}
         notes: list[str] = []
         image_result = image_metrics(test.labels, scores, probs)
-        wanted = set()
-        if Task.DETECT in tasks:
-            wanted.add("image_auroc")
-        if Task.CLASSIFY in tasks:
-            wanted.update({"class_auroc", "class_accuracy", "class_balanced_accuracy"})
+        wanted = task_metrics(tasks)
         metrics.update({k: v for k, v in image_result.values.items() if k in wanted})
         notes.extend(image_result.notes)
         if pixels is not None:
@@ -487,30 +454,7 @@ class Runner:
         notes: list[str],
         predict_seconds: float,
     ) -> None:
-        directory = cell.directory(self.run_dir)
-        directory.mkdir(parents=True, exist_ok=True)
         method = fitted.method
-        resolved = self.config.to_dict() | {"method_config": {cell.unit.method: method.config}}
-        atomic_write_text(directory / "config.yaml", yaml.safe_dump(resolved, sort_keys=True))
-        if fitted.support_ids is not None:
-            atomic_write_json(
-                directory / "support.json", {"source": self.config.source, "ids": fitted.support_ids}
-            )
-        atomic_write_text(directory / "predictions.csv", predictions_csv(test, scores, probs))
-        if maps is not None:
-            buffer = io.BytesIO()
-            np.save(buffer, maps)
-            atomic_write_bytes(directory / "maps.npy", buffer.getvalue())
-        n = len(test.items)
-        atomic_write_json(
-            directory / "timings.json",
-            {
-                "fit_seconds": fitted.fit_seconds,
-                "predict_seconds": predict_seconds,
-                "predict_seconds_per_image": predict_seconds / max(n, 1),
-                "device": str(self.device),
-            },
-        )
         record = CellRecord(
             method=cell.unit.method,
             tasks=tuple(sorted(str(t) for t in method.tasks)),
@@ -521,17 +465,29 @@ class Runner:
             uses_support=type(method).uses_support,
             backbone=identity,
             metrics=metrics,
-            n_images=n,
+            n_images=len(test.items),
             n_pixel_images=test.n_pixel_images,
             eval_size=self.config.eval_size,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
+            method_meta=MethodMeta.of(type(method)),
         )
-        payload = record.to_json() | {
-            "notes": notes,
-            "excluded_from_pixel_metrics": test.excluded,
-            "method_options": json.loads(json.dumps(method.config, sort_keys=True, default=str)),
-        }
-        atomic_write_json(directory / CELL_FILE, payload)
+        output = CellOutput(
+            record=record,
+            run_config=self.config.to_dict() | {"method_config": {cell.unit.method: method.config}},
+            image_ids=[item.id for item in test.items],
+            labels=[str(CLASSES[int(label)]) for label in test.labels],
+            scores=scores,
+            probs=probs,
+            maps=maps,
+            support_ids=fitted.support_ids,
+            fit_seconds=fitted.fit_seconds,
+            predict_seconds=predict_seconds,
+            device=str(self.device),
+            notes=notes,
+            excluded_from_pixel_metrics=test.excluded,
+            method_options=method.config,
+        )
+        write_cell(cell.directory(self.run_dir), output)
 
 
 @dataclass
@@ -576,20 +532,6 @@ def validate_prediction(
             fail(f"maps of shape {None if maps is None else np.shape(maps)} (expected ({b}, {size}, {size}))")
         if not np.isfinite(np.asarray(maps)).all():
             fail(f"NaN or infinite map values (first bad image: {first_bad(np.asarray(maps))})")
-
-
-def predictions_csv(test: TestSet, scores: np.ndarray, probs: np.ndarray | None) -> str:
-    """Per-image predictions: id, label, score and (if any) the three class probabilities."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    header = ["id", "label", "score"] + ([f"p_{c}" for c in CLASSES] if probs is not None else [])
-    writer.writerow(header)
-    for i, item in enumerate(test.items):
-        row: list[Any] = [item.id, str(CLASSES[int(test.labels[i])]), repr(float(scores[i]))]
-        if probs is not None:
-            row.extend(repr(float(p)) for p in probs[i])
-        writer.writerow(row)
-    return out.getvalue()
 
 
 def run_grid(config: RunConfig, console: Console | None = None, show_progress: bool = True) -> RunSummary:

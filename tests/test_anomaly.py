@@ -1,4 +1,5 @@
-"""Shared anomaly-localisation building blocks (bench/anomaly.py): hand-checked values."""
+"""Shared anomaly-localisation building blocks of the method toolkit (bench/kit: maps.py, losses.py,
+adapters.py, memory.py): hand-checked values."""
 
 from __future__ import annotations
 
@@ -10,19 +11,18 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from bench.anomaly import (
+from bench.kit import (
     LayerAdapters,
     PrototypeCrossAttention,
     cache_logits,
     dice_loss,
     focal_loss,
-    gaussian_kernel1d,
     gaussian_smooth,
-    memory_logits,
     sigma_at,
     text_similarity_maps,
     upsample_grid,
 )
+from bench.kit.maps import gaussian_kernel1d
 
 # --------------------------------------------------------------------------- losses
 
@@ -166,7 +166,7 @@ def test_layer_adapters_use_one_linear_per_layer() -> None:
 # --------------------------------------------------------------------------- cache model
 
 
-def test_cache_and_memory_logits_by_hand() -> None:
+def test_cache_logits_by_hand() -> None:
     queries = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), dim=-1)
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     values = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
@@ -183,21 +183,31 @@ def test_cache_and_memory_logits_by_hand() -> None:
             ],
         ]
     )
-    assert torch.allclose(cache_logits(queries, keys, values, alpha, beta), expected_cache, atol=1e-6)
-    full = memory_logits(queries, text, keys, values, 2.0, beta, clip_scale=100.0)
+    # clip_scale 0 leaves the cache term alone
+    cache_only = cache_logits(queries, keys, values, text, alpha, beta, clip_scale=0.0)
+    assert torch.allclose(cache_only, expected_cache, atol=1e-6)
+    full = cache_logits(queries, keys, values, text, 2.0, beta, clip_scale=100.0)
     assert torch.allclose(full, 100.0 * queries @ text.T + 2.0 * expected_cache, atol=1e-5)
 
 
-def test_memory_logits_match_tip_adapter() -> None:
-    from methods.tipadapter import tip_logits
-
+def test_cache_logits_match_tip_adapter() -> None:
     generator = torch.Generator().manual_seed(3)
     queries = F.normalize(torch.randn(4, 6, generator=generator), dim=-1)
     keys = F.normalize(torch.randn(9, 6, generator=generator), dim=-1)
     values = F.one_hot(torch.arange(9) % 3, 3).float()
     text = F.normalize(torch.randn(3, 6, generator=generator), dim=-1)
-    ours = memory_logits(queries, text, keys, values, 1.3, 5.5, 100.0)
-    assert torch.allclose(ours, tip_logits(queries, keys, values, text, 1.3, 5.5, 100.0), atol=1e-5)
+    alpha, beta = 1.3, 5.5
+    ours = cache_logits(queries, keys, values, text, alpha, beta, 100.0)
+    # Tip-Adapter's official main.py (keys and text weights stored transposed there)
+    cache_keys, clip_weights = keys.T, text.T
+    affinity = queries @ cache_keys
+    tip_cache = ((-1) * (beta - beta * affinity)).exp() @ values
+    tip = 100.0 * queries @ clip_weights + tip_cache * alpha
+    assert torch.allclose(ours, tip, atol=1e-5)
+    # UltraAD's former memory_logits weighted before the product, ((alpha E) L): with its
+    # default alpha = 1 that is bit-identical to cache_logits' alpha (E L)
+    old_order = 100.0 * queries @ text.T + (1.0 * torch.exp(-beta * (1.0 - queries @ keys.T))) @ values
+    assert torch.equal(cache_logits(queries, keys, values, text, 1.0, beta, 100.0), old_order)
 
 
 # --------------------------------------------------------------------------- cross-attention

@@ -9,17 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import bench.backbone as backbone_module
-from bench.backbone import (
-    RANDOM_INIT,
-    BackboneSpec,
-    ImageFeatures,
-    default_layers,
-    load_backbone,
-)
+import bench.weights as weights_module
 from bench.errors import BackboneError
 from bench.feature_cache import FeatureCache, FeatureOverflowError, to_fp16
+from bench.kit.clip import default_layers
+from bench.kit.requests import FeatureRequest, Features
+from bench.kit.variants import get_variant
 from bench.types import ImageItem
+from bench.weights import RANDOM_INIT, BackboneSpec, load_backbone
 
 TINY = "bench-tiny-vit"
 
@@ -52,7 +49,7 @@ def backbone(cache_root: Path):
 
 def manual_block_outputs(backbone, items) -> list[torch.Tensor]:
     """Token sequences (B, 1+N, W) after every block, computed without forward_intermediates."""
-    visual = backbone.model.visual
+    visual = backbone._visual
     x = torch.stack([backbone.preprocess(item.rgb()) for item in items])
     outputs = []
     with torch.no_grad():
@@ -81,7 +78,10 @@ def test_attributes_and_shapes(backbone) -> None:
     assert all(not p.requires_grad for p in backbone.model.parameters())
     items = make_items(5, seed=1)
     feats = backbone.image_features(items)
-    assert isinstance(feats, ImageFeatures)
+    assert isinstance(feats, Features)
+    assert feats.grid == (4, 4) and feats.layers == backbone.layers and len(feats) == 5
+    assert set(feats) == {"embeds", "cls_tokens", "patch_tokens"}
+    assert feats["patch_tokens"] is feats.patch_tokens
     assert feats.embeds.shape == (5, 32)
     assert feats.cls_tokens.shape == (5, 4, 64)
     assert feats.patch_tokens.shape == (5, 4, 16, 64)
@@ -172,20 +172,40 @@ def test_cache_hits_and_no_reencoding(cache_root: Path) -> None:
     assert bb.n_encoded == 6
 
 
-def test_cache_batches_misses(cache_root: Path, backbone) -> None:
+def test_cache_stats_sum_every_cache_and_n_encoded_counts_the_standard_request(tmp_path: Path) -> None:
+    bb = tiny(tmp_path)
+    items = make_items(2, seed=13)
+    bb.image_features(items)
+    stream = FeatureRequest.of("stream", block=2)
+    bb.features(items, stream)
+    bb.features(items, stream)
+    assert bb.n_encoded == 2
+    assert bb.encoded_by_request == {bb.resolve(FeatureRequest()): 2, bb.resolve(stream): 2}
+    stats = bb.cache_stats()
+    assert (stats.hits, stats.misses, stats.writes) == (2, 4, 4)
+    assert (bb.cache.stats().hits, bb.cache.stats().misses) == (0, 2)  # the standard request's own
+    # a cache registered for other frozen outputs is counted too
+    bb.register_cache({"kind": "test-views"}, 3, "views").put("k", np.ones(3))
+    assert bb.cache_stats().writes == 5
+    # the run's request spelled out explicitly is the run's request
+    bb.features(make_items(1, seed=14), FeatureRequest.of("standard", layers=bb.layers, input_size=64))
+    assert bb.n_encoded == 3
+
+
+def test_cache_batches_misses(backbone, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    original = backbone._encode
+    variant = get_variant("standard")
+    original = variant.compute
 
-    def spy(chunk):
-        calls.append(len(chunk))
-        return original(chunk)
+    def spy(tower, images, layers, request):
+        calls.append(len(images))
+        return original(tower, images, layers, request)
 
-    backbone._encode = spy
-    try:
-        backbone.image_features(make_items(7, seed=7))
-    finally:
-        del backbone._encode
+    monkeypatch.setattr(variant, "compute", spy)
+    before = backbone.encoded_by_request.get(backbone.resolve(FeatureRequest()), 0)
+    backbone.image_features(make_items(7, seed=7))
     assert calls == [3, 3, 1]
+    assert backbone.encoded_by_request[backbone.resolve(FeatureRequest())] == before + 7
 
 
 def test_cache_folders_depend_on_config(tmp_path: Path) -> None:
@@ -349,13 +369,11 @@ def test_offline_missing_weights_fail_fast(
 def test_no_network_fails_fast_without_offline_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
-    import bench.backbone as backbone_module
-
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
-    monkeypatch.setattr(backbone_module, "_probe", lambda url: "hub.example is not reachable (test)")
+    monkeypatch.setattr(weights_module, "_probe", lambda url: "hub.example is not reachable (test)")
 
     def no_download(*args, **kwargs):
         raise AssertionError("must not try to download without network")
@@ -368,7 +386,7 @@ def test_no_network_fails_fast_without_offline_flag(tmp_path: Path, monkeypatch:
 
 
 def test_probe_reports_unreachable_hosts() -> None:
-    from bench.backbone import _probe
+    from bench.weights import _probe
 
     assert _probe("https://weights.invalid/model.bin") is not None
 
@@ -441,7 +459,7 @@ def _no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
-    monkeypatch.setattr(backbone_module, "_probe", lambda url: "hub.example is not reachable (test)")
+    monkeypatch.setattr(weights_module, "_probe", lambda url: "hub.example is not reachable (test)")
 
     def no_download(*args, **kwargs):
         raise AssertionError("must not try to download without network")
@@ -471,7 +489,7 @@ def test_auto_uses_weights_when_they_resolve(monkeypatch: pytest.MonkeyPatch, tm
     tiny = load_backbone(BackboneSpec("bench-tiny-vit", "none", device="cpu"))
     torch.save(tiny.model.state_dict(), checkpoint)
     calls: list[str] = []
-    real = backbone_module._resolve_weights
+    real = weights_module._resolve_weights
 
     def resolve(spec: BackboneSpec, model_cfg: dict) -> object:
         calls.append(spec.pretrained)
@@ -479,7 +497,7 @@ def test_auto_uses_weights_when_they_resolve(monkeypatch: pytest.MonkeyPatch, tm
             return real(BackboneSpec(spec.model, str(checkpoint)), model_cfg)
         return real(spec, model_cfg)
 
-    monkeypatch.setattr(backbone_module, "_resolve_weights", resolve)
+    monkeypatch.setattr(weights_module, "_resolve_weights", resolve)
     tags = ["laion", "openai"]
     monkeypatch.setattr("open_clip.pretrained.list_pretrained_tags_by_model", lambda model: tags)
     backbone = load_backbone(BackboneSpec("bench-tiny-vit", "auto", cache_dir=tmp_path, device="cpu"))

@@ -62,9 +62,11 @@ def test_methods_lists_the_builtins_with_their_tasks() -> None:
 def test_methods_verbose_lists_options() -> None:
     code, out, _ = bench("methods", "--verbose")
     assert code == 0
-    rows = table_rows(out)
-    assert "sigma=4.0" in rows["intensity"][-1] and "quantile=0.99" in rows["intensity"][-1]
-    assert "logit_scale=100.0" in rows["zeroshot"][-1]
+    text = flat(out)
+    assert "intensity options" in text and "sigma: float = 4.0, > 0: Gaussian sigma in pixels" in text
+    assert "quantile: float = 0.99, >= 0 <= 1: quantile of the map used as the image score" in text
+    assert "zeroshot options" in text and "logit_scale: float = 100.0" in text
+    assert "choices" not in text and "one of ['probabilities', 'logits']" in text
 
 
 # --------------------------------------------------------------------------- bench datasets

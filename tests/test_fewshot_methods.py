@@ -18,17 +18,27 @@ import torch
 import torch.nn.functional as F
 from conftest import CLASSIFIER_METRICS, ConfigFactory, SyntheticData, cell_dirs, run_dir_of
 
-from bench import fewshot
-from bench.backbone import BackboneSpec, ImageFeatures, load_backbone
+import bench.kit.classifier as kit_classifier
+import methods.tipadapter as tipadapter_module
 from bench.errors import MethodError
+from bench.kit import (
+    CLIP_TEMPLATE,
+    DEFAULT_CLASS_NAMES,
+    Features,
+    augmented_embeds,
+    cache_logits,
+    make_generator,
+    one_hot,
+)
 from bench.method import Method, MethodContext, SupportSet
 from bench.registry import available_methods, get_method
 from bench.runner import run_grid
 from bench.types import ImageItem, Task
+from bench.weights import BackboneSpec, load_backbone
 from methods.clipadapter import Adapter, CLIPAdapter, blend
 from methods.coop import CoCoOp, CoOp
 from methods.lpp import LPPlusPlus, class_sums, init_alpha, lpp_logits, lr_alpha, lr_weights
-from methods.tipadapter import GridScore, TipAdapter, TipAdapterF, search_grid, tip_logits
+from methods.tipadapter import GridScore, TipAdapter, TipAdapterF, search_grid
 
 FEWSHOT = ("tipadapter", "tipadapter-f", "coop", "cocoop", "clipadapter", "lpp")
 #: Short schedules for the tests that do not measure accuracy.
@@ -115,12 +125,65 @@ def test_published_hyperparameters_are_the_defaults(backbone, tmp_path: Path) ->
     )  # fmt: skip
     assert CLIPAdapter.default_config["ratio"] == 0.2 and CLIPAdapter.default_config["reduction"] == 4
     assert LPPlusPlus.default_config["epochs"] == 300
-    with pytest.raises(MethodError, match="class_names"):
+    with pytest.raises(MethodError, match="method 'lpp': option 'class_names'"):
         make_method(LPPlusPlus, backbone, tmp_path, class_names={"normal": "a", "benign": "b"})
-    with pytest.raises(MethodError, match="templates"):
+    with pytest.raises(MethodError, match="method 'tipadapter': option 'templates'"):
         make_method(TipAdapter, backbone, tmp_path, templates=["no placeholder"])
-    clip_template = make_method(CLIPAdapter, backbone, tmp_path, templates=[fewshot.CLIP_TEMPLATE])
+    clip_template = make_method(CLIPAdapter, backbone, tmp_path, templates=[CLIP_TEMPLATE])
     assert clip_template.templates == ["a photo of a {}."]
+
+
+def test_options_are_declared_with_help_texts() -> None:
+    for name in FEWSHOT:
+        cls = get_method(name)
+        assert set(cls.options) == set(cls.default_config)
+        for key, option in cls.options.items():
+            assert option.help and "\n" not in option.help, f"{name}.{key}: one-line help text"
+    assert CoOp.options["class_token_position"].choices == ("end", "middle", "front")
+    assert CoOp.default_config["epochs"] is None and CLIPAdapter.default_config["epochs"] is None
+    assert TipAdapter.default_config["augment_seed"] is None
+
+
+@pytest.mark.parametrize(
+    ("cls", "key", "value", "problem"),
+    [
+        (CoOp, "epochs", "ten", "must be an integer"),
+        (CoOp, "epochs", 0, "must be >= 1"),
+        (CoOp, "class_token_position", "start", "must be one of"),
+        (CoCoOp, "batch_size", 1.5, "must be an integer"),
+        (CLIPAdapter, "ratio", 1.5, "must be <= 1"),
+        (CLIPAdapter, "ratio", "0.2", "must be a finite number"),
+        (LPPlusPlus, "alpha_every", 0, "must be >= 1"),
+        (LPPlusPlus, "reset_alpha_grad", "yes", "must be true or false"),
+        (TipAdapter, "crop_scale", [0.0, 1.0], "must be > 0"),
+        (TipAdapter, "crop_scale", [0.5, 1.5], "must be <= 1"),
+        (TipAdapter, "crop_scale", [0.9, 0.5], "low <= high"),
+        (TipAdapter, "search_scale", [13.0], "exactly 2 values"),
+        (TipAdapter, "search_step", [20, 0], "must be >= 1"),
+        (TipAdapter, "search_step", [20.5, 10], "list of int"),
+        (TipAdapter, "augment_views", 0, "must be >= 1"),
+        (TipAdapter, "augment_seed", "x", "must be an integer"),
+        (TipAdapterF, "cv_folds", 1, "must be >= 2"),
+        (TipAdapterF, "unknown_option", 1, "unknown option"),
+    ],
+)
+def test_invalid_options_are_rejected_naming_method_and_option(
+    backbone, tmp_path: Path, cls: type[Method], key: str, value: Any, problem: str
+) -> None:
+    with pytest.raises(MethodError) as info:
+        make_method(cls, backbone, tmp_path, **{key: value})
+    message = str(info.value)
+    assert f"method {cls.name!r}" in message and repr(key) in message and problem in message
+
+
+def test_options_are_converted_and_nullable_options_accept_null(backbone, tmp_path: Path) -> None:
+    coop = make_method(CoOp, backbone, tmp_path, shots=4, epochs=None, lr=1)
+    assert coop.epochs == 100 and coop.lr == 1.0 and isinstance(coop.lr, float)  # CoOp's rule for 4 shots
+    assert make_method(CoCoOp, backbone, tmp_path, shots=1, epochs=None).epochs == 50
+    tip = make_method(TipAdapter, backbone, tmp_path, seed=3, crop_scale=(1, 1), augment_seed=None)
+    assert tip.config["crop_scale"] == [1.0, 1.0] and tip.augmentation.scale == (1.0, 1.0)
+    assert tip.augment_seed == 3  # null = the fit seed
+    assert make_method(TipAdapter, backbone, tmp_path, seed=3, augment_seed=11).augment_seed == 11
 
 
 # --------------------------------------------------------------------------- defining formulas
@@ -131,7 +194,7 @@ def test_tip_adapter_logits_hand_computed() -> None:
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     values = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
-    logits = tip_logits(query, keys, values, text, alpha=2.0, beta=5.0)
+    logits = cache_logits(query, keys, values, text, alpha=2.0, beta=5.0)
     # 100 f W^T = [60, 80, 100]; affinities [0.6, 0.8] -> exp(-5 * 0.4), exp(-5 * 0.2)
     expected = torch.tensor([[60 + 2 * math.exp(-2.0), 80 + 2 * math.exp(-1.0), 100.0]])
     torch.testing.assert_close(logits, expected)
@@ -144,7 +207,7 @@ def test_tip_adapter_leave_one_out_matches_brute_force() -> None:
     feats = F.normalize(torch.randn(9, 6, generator=g, dtype=torch.float64), dim=-1)
     keys = F.normalize(feats + 0.3 * torch.randn(9, 6, generator=g, dtype=torch.float64), dim=-1)
     labels = torch.arange(3).repeat_interleave(3)
-    values = fewshot.one_hot(labels, 3).double()
+    values = one_hot(labels, 3).double()
     text = F.normalize(torch.randn(3, 6, generator=g, dtype=torch.float64), dim=-1)
     betas, alphas = [0.5, 2.0, 6.0], [0.1, 1.0, 30.0]
     grid = GridScore(betas, alphas)
@@ -154,7 +217,7 @@ def test_tip_adapter_leave_one_out_matches_brute_force() -> None:
             correct, loss = 0, 0.0
             for i in range(9):
                 keep = [j for j in range(9) if j != i]
-                logit = tip_logits(feats[i : i + 1], keys[keep], values[keep], text, alpha, beta)
+                logit = cache_logits(feats[i : i + 1], keys[keep], values[keep], text, alpha, beta)
                 correct += int(logit.argmax() == labels[i])
                 loss -= float(torch.log_softmax(logit, 1)[0, labels[i]])
             assert grid.correct[b, a] == correct
@@ -171,12 +234,12 @@ def test_tip_adapter_keys_are_the_normalised_mean_of_views(backbone, tmp_path: P
     support = make_support(2, seed=1)
     method = make_method(TipAdapter, backbone, tmp_path, augment_views=3, search=False)
     method.fit(support)
-    views = fewshot.augmented_embeds(backbone, support.items, 3, seed=0)
+    views = augmented_embeds(backbone, support.items, 3, seed=0)
     torch.testing.assert_close(method.keys, F.normalize(views.mean(0), dim=-1))
-    assert torch.equal(method.values, fewshot.one_hot(torch.as_tensor(support.labels), 3))
+    assert torch.equal(method.values, one_hot(torch.as_tensor(support.labels), 3))
     assert (method.alpha, method.beta) == (2.0, 1.0)  # init values when the search is off
     queries = F.normalize(backbone.image_features(support.items).embeds, dim=-1)
-    expected = tip_logits(queries, method.keys, method.values, method.text_weights(), 2.0, 1.0)
+    expected = cache_logits(queries, method.keys, method.values, method.text_weights(), 2.0, 1.0)
     torch.testing.assert_close(method.logits(support.items), expected)
 
 
@@ -209,7 +272,7 @@ def test_lpp_fit_uses_the_published_rule(backbone, tmp_path: Path) -> None:
     # one full-batch SGD step (momentum buffer = gradient at the first step) from W0 = class sums
     w0 = class_sums(feats, labels, 3).requires_grad_(True)
     alpha = torch.full((3,), state["alpha_init"])
-    generator = fewshot.make_generator(0)
+    generator = make_generator(0)
     bound = 1 / math.sqrt(feats.shape[1])
     b0 = (torch.rand(3, generator=generator) * 2 * bound - bound).requires_grad_(True)
     loss = F.cross_entropy(lpp_logits(feats, w0, b0, alpha, text), labels)
@@ -239,7 +302,7 @@ def test_clip_adapter_residual_ratio(backbone, tmp_path: Path) -> None:
     for ratio in (0.0, 0.2, 1.0):
         method = make_method(CLIPAdapter, backbone, tmp_path, ratio=ratio, epochs=2)
         method.fit(support)
-        scale = float(backbone.model.logit_scale.exp())
+        scale = backbone.logit_scale
         expected = scale * F.normalize(ratio * method.adapter(raw) + (1 - ratio) * raw, dim=-1)
         torch.testing.assert_close(method.logits(items), expected @ method.text_weights().T)
         if ratio == 0.0:  # no adapter contribution: zero-shot CLIP with the same text
@@ -254,7 +317,7 @@ def test_coop_logits_use_clip_logit_scale_and_learned_text(backbone, tmp_path: P
     feats = F.normalize(backbone.image_features(support.items).embeds, dim=-1)
     with torch.no_grad():
         text = F.normalize(method.learner(), dim=-1)
-    scale = float(backbone.model.logit_scale.exp())
+    scale = backbone.logit_scale
     torch.testing.assert_close(method.logits(support.items), scale * feats @ text.T)
     cocoop = make_method(CoCoOp, backbone, tmp_path, epochs=1)
     cocoop.fit(support)
@@ -332,7 +395,8 @@ def clustered(backbone, monkeypatch: pytest.MonkeyPatch, dim: int, shots: int, p
     def image_features(items):
         embeds = torch.stack([table[item.key] for item in items])
         empty = torch.zeros(len(items), 1, 1)
-        return ImageFeatures(embeds=embeds, cls_tokens=empty, patch_tokens=empty[..., None])
+        fields = {"embeds": embeds, "cls_tokens": empty, "patch_tokens": empty[..., None]}
+        return Features(fields=fields, grid=(1, 1), layers=(0,))
 
     def augmented_embeds(bb, items, n_views, seed, augmentation=None):
         gv = torch.Generator().manual_seed(seed)
@@ -340,9 +404,11 @@ def clustered(backbone, monkeypatch: pytest.MonkeyPatch, dim: int, shots: int, p
         return base[None] + noise * torch.randn(n_views, *base.shape, generator=gv)
 
     monkeypatch.setattr(backbone, "image_features", image_features)
-    monkeypatch.setattr(fewshot, "augmented_embeds", augmented_embeds)
+    # Tip-Adapter's keys and the base class's training views
+    monkeypatch.setattr(tipadapter_module, "augmented_embeds", augmented_embeds)
+    monkeypatch.setattr(kit_classifier, "augmented_embeds", augmented_embeds)
     if patch_text:
-        names = list(fewshot.DEFAULT_CLASS_NAMES.values())
+        names = list(DEFAULT_CLASS_NAMES.values())
 
         def encode_text(texts):
             return torch.stack([text_dirs[[n in t for n in names].index(True)] for t in texts])

@@ -1,4 +1,5 @@
-"""Shared few-shot building blocks: bench/fewshot.py and bench/prompt_learning.py (tiny random-init model)."""
+"""Shared few-shot building blocks of bench/kit (training loop and schedules, text classifier, scores,
+augmented views, prompt learner) as the few-shot classifiers use them (tiny random-init model)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,30 @@ import torch
 import torch.nn.functional as F
 from conftest import random_items
 
-from bench import fewshot
-from bench.backbone import BackboneSpec, load_backbone
-from bench.prompt_learning import PromptLearner
+from bench.kit import (
+    DEFAULT_CLASS_NAMES,
+    Augmentation,
+    PromptLearner,
+    Schedule,
+    augmented_embeds,
+    class_prompts,
+    coop_epochs,
+    cosine_per_step,
+    epoch_batches,
+    make_generator,
+    prediction_from_logits,
+    seeded,
+    text_classifier,
+    train,
+    view_stats,
+    warmup_cosine,
+)
+from bench.kit.training import cosine_lr, set_lr, warmup_cosine_lr
+from bench.kit.views import view_cache, view_rng
 from bench.types import ImageItem
+from bench.weights import BackboneSpec, load_backbone
 
-NAMES = list(fewshot.DEFAULT_CLASS_NAMES.values())
+NAMES = list(DEFAULT_CLASS_NAMES.values())
 
 
 def make_items(n: int, seed: int = 0, shape: tuple[int, int] = (40, 56)) -> list[ImageItem]:
@@ -32,7 +51,7 @@ def backbone(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_warmup_cosine_matches_dassl() -> None:
-    lr = fewshot.warmup_cosine_lr
+    lr = warmup_cosine_lr
     assert lr(0, 10, 0.002) == pytest.approx(1e-5)  # constant warm-up epoch
     assert lr(1, 10, 0.002) == pytest.approx(0.002)  # the cosine restarts after the warm-up
     assert lr(6, 10, 0.002) == pytest.approx(0.001)  # half way through the cosine
@@ -47,33 +66,93 @@ def test_warmup_cosine_matches_dassl() -> None:
 
 
 def test_cosine_lr_per_step_and_coop_epochs() -> None:
-    assert fewshot.cosine_lr(0, 20, 1e-3) == pytest.approx(1e-3)
-    assert fewshot.cosine_lr(10, 20, 1e-3) == pytest.approx(5e-4)
-    assert fewshot.cosine_lr(20, 20, 1e-3) == pytest.approx(0.0)
-    assert [fewshot.coop_epochs(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert cosine_lr(0, 20, 1e-3) == pytest.approx(1e-3)
+    assert cosine_lr(10, 20, 1e-3) == pytest.approx(5e-4)
+    assert cosine_lr(20, 20, 1e-3) == pytest.approx(0.0)
+    assert [coop_epochs(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
 
 
 def test_epoch_batches_dassl_drop_last_rule() -> None:
-    g = fewshot.make_generator(0)
-    batches = fewshot.epoch_batches(48, 32, g)
+    g = make_generator(0)
+    batches = epoch_batches(48, 32, g)
     assert [len(b) for b in batches] == [32]  # 48 >= 32: the incomplete batch is dropped
     assert len(set(batches[0].tolist())) == 32
-    assert [len(b) for b in fewshot.epoch_batches(6, 32, g)] == [6]  # fewer than a batch: kept
-    assert [len(b) for b in fewshot.epoch_batches(10, 4, g, drop_last=False)] == [4, 4, 2]
-    a = fewshot.epoch_batches(20, 5, fewshot.make_generator(3))
-    b = fewshot.epoch_batches(20, 5, fewshot.make_generator(3))
+    assert [len(b) for b in epoch_batches(6, 32, g)] == [6]  # fewer than a batch: kept
+    assert [len(b) for b in epoch_batches(10, 4, g, drop_last=False)] == [4, 4, 2]
+    a = epoch_batches(20, 5, make_generator(3))
+    b = epoch_batches(20, 5, make_generator(3))
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert sorted(torch.cat(a).tolist()) == list(range(20))
+
+
+def _hand_loop(params, n, batch_size, epochs, lr_of, seed, *, drop_last=None, per_step=False):
+    """The loop every method wrote by hand before :func:`train` (the reference of the no-regression rule)."""
+    optimiser = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    generator = make_generator(seed)
+    steps = len(epoch_batches(n, batch_size, generator, shuffle=False, drop_last=drop_last))
+    total, step = epochs * steps, 0
+    for epoch in range(epochs):
+        if not per_step:
+            set_lr(optimiser, lr_of(epoch, step, total))
+        for batch in epoch_batches(n, batch_size, generator, drop_last=drop_last):
+            if per_step:
+                set_lr(optimiser, lr_of(epoch, step, total))
+            loss = _toy_loss(params[0], batch, epoch)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            step += 1
+
+
+_X = torch.randn(13, 5, generator=torch.Generator().manual_seed(1))
+_Y = torch.arange(13) % 3
+
+
+def _toy_loss(weight: torch.Tensor, batch: torch.Tensor, epoch: int) -> torch.Tensor:
+    return F.cross_entropy((_X[batch] + 0.1 * epoch) @ weight.T, _Y[batch])
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "drop_last", "per_step"),
+    [(4, None, False), (32, None, False), (4, False, True), (13, False, True)],
+)
+def test_train_equals_the_hand_written_loop_bit_for_bit(batch_size, drop_last, per_step) -> None:
+    if per_step:
+        lr_of, lr = (lambda _e, s, t: cosine_lr(s, t, 0.05)), cosine_per_step(0.05)
+    else:
+        lr_of, lr = (lambda e, _s, _t: warmup_cosine_lr(e, 7, 0.05, 1, 1e-5)), warmup_cosine(7, 0.05, 1, 1e-5)
+    expected = torch.nn.Parameter(torch.zeros(3, 5))
+    _hand_loop([expected], 13, batch_size, 7, lr_of, seed=4, drop_last=drop_last, per_step=per_step)
+    weight = torch.nn.Parameter(torch.zeros(3, 5))
+    optimiser = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
+    schedule = Schedule(7, batch_size, drop_last=drop_last, lr=lr, lr_per="step" if per_step else "epoch")
+    history = train(optimiser, 13, lambda b, e: _toy_loss(weight, b, e), schedule, seed=4)
+    assert torch.equal(weight, expected)
+    assert len(history) == 7 and all(set(h) == {"total"} for h in history)
+
+
+def test_full_batch_train_keeps_the_order_and_runs_after_epoch() -> None:
+    seen: list[list[int]] = []
+    after: list[int] = []
+    weight = torch.nn.Parameter(torch.zeros(3, 5))
+
+    def step(batch: torch.Tensor, epoch: int) -> torch.Tensor:
+        seen.append(batch.tolist())
+        return _toy_loss(weight, batch, epoch)
+
+    schedule = Schedule(3, 13, drop_last=False, shuffle=False)
+    train(torch.optim.SGD([weight], lr=0.1), 13, step, schedule, seed=0, after_epoch=after.append)
+    assert seen == [list(range(13))] * 3 and after == [0, 1, 2]
 
 
 def test_seeded_is_reproducible_and_restores_the_global_rng() -> None:
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    with fewshot.seeded(0):
+    with seeded(0):
         first = torch.nn.Linear(4, 3).weight.detach().clone()
     after = torch.rand(3)
-    with fewshot.seeded(0):
+    with seeded(0):
         second = torch.nn.Linear(4, 3).weight.detach().clone()
     assert torch.equal(first, second)
     assert torch.equal(after, expected)  # the block did not consume the caller's random stream
@@ -84,18 +163,18 @@ def test_seeded_is_reproducible_and_restores_the_global_rng() -> None:
 
 def test_text_classifier_is_the_normalised_mean_of_normalised_prompts(backbone) -> None:
     templates = ["a photo of a {}.", "a breast ultrasound image of {}."]
-    weights = fewshot.text_classifier(backbone, NAMES, templates)
+    weights = text_classifier(backbone, class_prompts(NAMES, templates))
     assert weights.shape == (3, backbone.embed_dim)
     torch.testing.assert_close(weights.norm(dim=-1), torch.ones(3))
     prompts = [t.format(NAMES[1]) for t in templates]
     manual = F.normalize(F.normalize(backbone.encode_text(prompts), dim=-1).mean(0), dim=0)
     torch.testing.assert_close(weights[1], manual)
-    assert fewshot.class_prompts(["x"], templates) == [["a photo of a x.", "a breast ultrasound image of x."]]
+    assert class_prompts(["x"], templates) == [["a photo of a x.", "a breast ultrasound image of x."]]
 
 
 def test_prediction_from_logits_score_is_one_minus_p_normal() -> None:
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0], [60.0, -20.0, -25.0]])
-    pred = fewshot.prediction_from_logits(logits)
+    pred = prediction_from_logits(logits)
     probs = torch.softmax(logits.double(), dim=1).numpy()
     np.testing.assert_allclose(pred.probs, probs, rtol=1e-12)
     np.testing.assert_allclose(pred.scores, 1.0 - probs[:, 0], atol=1e-15)
@@ -107,7 +186,7 @@ def test_prediction_from_logits_score_is_one_minus_p_normal() -> None:
 
 
 def test_crop_box_follows_random_resized_crop() -> None:
-    aug = fewshot.Augmentation()
+    aug = Augmentation()
     rng = np.random.default_rng(0)
     for _ in range(200):
         top, left, h, w = aug.crop_box(60, 80, rng)
@@ -115,35 +194,35 @@ def test_crop_box_follows_random_resized_crop() -> None:
         assert 0.5 * 0.95 <= h * w / (60 * 80) <= 1.0 + 1e-9
         assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
     image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
-    flipped = fewshot.Augmentation(scale=(1.0, 1.0), ratio=(1.5, 1.5), flip_p=1.0)(image, rng)
+    flipped = Augmentation(scale=(1.0, 1.0), ratio=(1.5, 1.5), flip_p=1.0)(image, rng)
     np.testing.assert_array_equal(flipped, image[:, ::-1])
 
 
 def test_augmented_views_are_seeded_cached_and_not_counted_as_backbone_encodings(backbone) -> None:
     items = make_items(3, seed=11)
     before = backbone.n_encoded
-    stats0 = fewshot.view_stats(backbone)
-    views = fewshot.augmented_embeds(backbone, items, 4, seed=0)
+    stats0 = view_stats(backbone)
+    views = augmented_embeds(backbone, items, 4, seed=0)
     assert views.shape == (4, 3, backbone.embed_dim) and views.dtype == torch.float32
-    assert fewshot.view_stats(backbone).encoded == stats0.encoded + 12
+    assert view_stats(backbone).encoded == stats0.encoded + 12
     assert not torch.equal(views[0], views[1])  # different views differ
     # a second call, with the items in another order and one more item, reads the cache
     more = [items[2], *make_items(1, seed=12), items[0]]
-    again = fewshot.augmented_embeds(backbone, more, 4, seed=0)
+    again = augmented_embeds(backbone, more, 4, seed=0)
     assert torch.equal(again[:, 0], views[:, 2]) and torch.equal(again[:, 2], views[:, 0])
-    stats = fewshot.view_stats(backbone)
+    stats = view_stats(backbone)
     assert stats.encoded == stats0.encoded + 16 and stats.hits == stats0.hits + 8
     assert backbone.n_encoded == before  # augmented views are not counted as backbone encodings
-    other_seed = fewshot.augmented_embeds(backbone, items[:1], 1, seed=1)
+    other_seed = augmented_embeds(backbone, items[:1], 1, seed=1)
     assert not torch.equal(other_seed[0, 0], views[0, 0])
     # the view equals the frozen encode_image of the cropped image, through the fp16 cache
-    aug = fewshot.Augmentation()
-    crop = aug(items[1].rgb(), fewshot.view_rng(items[1].key, 2, 0))
+    aug = Augmentation()
+    crop = aug(items[1].rgb(), view_rng(items[1].key, 2, 0))
     with torch.no_grad():
         direct = backbone.model.encode_image(backbone.preprocess(crop)[None])[0]
     torch.testing.assert_close(views[2, 1], direct.half().float())
     # views live in their own cache folder, apart from the per-image features
-    assert fewshot.view_cache(backbone, aug).folder != backbone.cache.folder
+    assert view_cache(backbone, aug).folder != backbone.cache.folder
 
 
 # --------------------------------------------------------------------------- prompt learner

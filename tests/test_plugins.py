@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    CLASSIFIER_METRICS,
     REPO_ROOT,
     SyntheticData,
     bench,
@@ -159,29 +158,40 @@ def fenced_blocks(text: str, language: str) -> list[str]:
 def test_readme_example_method_runs_as_a_plugin(
     install_plugin: Installer, shared_data: SyntheticData, tmp_path: Path, isolated_env: Path
 ) -> None:
+    """The README's toy plugin (a custom forward variant + adapters inside the frozen tower)
+    runs through `bench run` as an installed plugin, with no edit of bench/."""
     section = readme_section("Add a method")
     (code,) = fenced_blocks(section, "python")
     first_line = code.splitlines()[0]
     assert first_line.startswith("# ") and first_line.endswith(".py"), first_line
-    module_path = first_line[2:].strip()  # "my_probe/__init__.py"
+    module_path = first_line[2:].strip()  # "tower_probe/__init__.py"
     (toml_block,) = fenced_blocks(section, "toml")
     entries = tomllib.loads(toml_block)["project"]["entry-points"][registry.ENTRY_POINT_GROUP]
-    assert entries == {"linear-probe": "my_probe:LinearProbe"}
+    assert entries == {"tower-probe": "tower_probe:TowerProbe"}
 
-    install_plugin("my-probe", {module_path: code}, entries)
-    cls = registry.get_method("linear-probe")
-    assert cls.__module__ == "my_probe"
-    assert {str(t) for t in cls.tasks} == {"detect", "classify"} and cls.uses_support
+    install_plugin("tower-probe", {module_path: code}, entries)
+    cls = registry.get_method("tower-probe")
+    assert cls.__module__ == "tower_probe"
+    assert {str(t) for t in cls.tasks} == {"detect", "localize"} and cls.uses_support
 
-    config = tiny_config(tmp_path, shared_data, isolated_env, methods="linear-probe,intensity", seeds="0,1")
+    config = tiny_config(tmp_path, shared_data, isolated_env, methods="tower-probe,intensity", seeds="0,1")
     summary = run_grid(config, show_progress=False)
     assert len(summary.cells_done) == 6
     run_dir = run_dir_of(config)
-    probe_cells = {f"linear-probe/{t.name}/shots2_seed{s}" for t in shared_data.targets for s in (0, 1)}
+    probe_cells = {f"tower-probe/{t.name}/shots2_seed{s}" for t in shared_data.targets for s in (0, 1)}
     assert probe_cells <= cell_dirs(run_dir)
     for cell in probe_cells:
         record = json.loads((run_dir / cell / "cell.json").read_text())
-        assert set(record["metrics"]) == CLASSIFIER_METRICS
-        assert record["tasks"] == ["classify", "detect"]
+        assert {"image_auroc", "pixel_auroc", "pixel_ap"} <= set(record["metrics"])
+        assert record["tasks"] == ["detect", "localize"]
         stored = json.loads((run_dir / cell / "support.json").read_text())
         assert all(len(ids) == 2 for ids in stored["ids"].values())
+    # the plugin's forward variant and the trainable pass's frozen prefix were cached like any feature
+    folders = {json.loads(p.read_text()).get("variant") for p in isolated_env.rglob("config.json")}
+    assert {"patch-energy", "stream"} <= folders
+    # two seeds fitted different adapters: the trained part really learned from its own fit
+    seed0, seed1 = (
+        (run_dir / f"tower-probe/{shared_data.target_a.name}/shots2_seed{s}/predictions.csv").read_text()
+        for s in (0, 1)
+    )
+    assert seed0 != seed1

@@ -36,7 +36,7 @@ from bench.data import resolve_dataset, sample_support
 from bench.errors import BenchError, ConfigError, DatasetError, MethodError
 from bench.method import Method, Prediction, SupportSet
 from bench.registry import available_methods
-from bench.results import METRIC_KEYS, load_cells
+from bench.results import METRIC_KEYS, MethodMeta, load_cells, task_metrics
 from bench.runner import FitUnit, Runner, RunSummary, plan_grid, run_grid, shard_units
 from bench.types import ImageItem, Task
 
@@ -221,10 +221,19 @@ def test_cell_json_has_metrics_for_exactly_the_declared_tasks(full_grid: GridRun
         "zeroshot": ["classify", "detect", "localize"],
         "intensity": ["detect", "localize"],
     }
+    classes = {**available_methods(), PrototypeProbe.name: PrototypeProbe}
     for cell in expected_cells(full_grid.data):
         method, target, shots_seed = cell.split("/")
         record = read_json(run_dir / cell / "cell.json")
         assert set(record["metrics"]) == expected_keys[method], cell
+        assert set(record["metrics"]) == task_metrics(record["tasks"])
+        cls = classes[method]  # the table metadata of the method's class, for the tables
+        assert record["method_meta"] == {
+            "table_group": cls.table_group,
+            "table_rank": cls.table_rank,
+            "ablation_of": cls.ablation_of,
+        }
+        assert load_cells(run_dir / cell)[0].method_meta == MethodMeta.of(cls)
         assert set(record["metrics"]) <= set(METRIC_KEYS)
         assert all(0.0 <= v <= 1.0 for v in record["metrics"].values()), record["metrics"]
         assert record["tasks"] == expected_tasks[method]

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from conftest import ConfigFactory, SyntheticData, cell_dirs, run_dir_of
 
-from bench.backbone import BackboneSpec, load_backbone
 from bench.errors import MethodError
+from bench.kit import dice_loss, gaussian_smooth
 from bench.method import Method, MethodContext, SupportSet
 from bench.metrics import pixel_metrics
 from bench.registry import available_methods
@@ -30,8 +30,8 @@ from bench.results import load_cells
 from bench.runner import run_grid
 from bench.tables import render_tables
 from bench.types import ImageItem, Task
+from bench.weights import BackboneSpec, load_backbone
 from methods.ultraad import (
-    DEFAULT_CONFIG,
     UltraAD,
     UltraADNoJoint,
     UltraADNoPIF,
@@ -166,20 +166,41 @@ def test_every_ultraad_md_choice_is_an_option_with_its_default() -> None:
         "pif_tokens": "per-layer",
         "lr_schedule": "constant",
     }
-    assert {k: DEFAULT_CONFIG[k] for k in expected} == expected
+    assert {k: UltraAD.default_config[k] for k in expected} == expected
+    # every option is declared with a help line (shown by `bench methods --verbose`)
+    assert set(UltraAD.options) == set(UltraAD.default_config)
+    assert all(option.help for option in UltraAD.options.values())
 
 
 def test_bad_options_are_refused(backbone, support: SupportSet) -> None:
-    for bad in ({"tau": 0}, {"pif_tokens": "some"}, {"joint": "yes"}, {"epochs": -1}, {"map_weight": 2.0}):
-        with pytest.raises(MethodError, match=next(iter(bad))):
+    bad_values = (
+        {"tau": 0},
+        {"pif_tokens": "some"},
+        {"upsample": "nearest"},
+        {"lr_schedule": "step"},
+        {"joint": "yes"},
+        {"epochs": -1},
+        {"batch_size": 0},
+        {"map_weight": 2.0},
+        {"score_weight": -0.1},
+        {"layers": [1, 1]},
+        {"layers": ["a"]},
+        {"normal_prompt": " "},
+    )
+    for bad in bad_values:
+        key = next(iter(bad))
+        with pytest.raises(MethodError, match=f"method 'ultraad': option '{key}'"):
             make(UltraAD, backbone, **bad)
-    with pytest.raises(MethodError, match="unknown option"):
+    # the variants share the schema and name themselves
+    with pytest.raises(MethodError, match="method 'ultraad-no-pif': option 'tau'"):
+        make(UltraADNoPIF, backbone, tau=-1.0)
+    with pytest.raises(MethodError, match=r"method 'ultraad': unknown option.*heads"):
         make(UltraAD, backbone, heads=8)
-    with pytest.raises(MethodError, match="layers"):
+    with pytest.raises(MethodError, match="method 'ultraad': option 'layers'"):
         make(UltraAD, backbone, layers=[7], epochs=0).fit(support)  # the tiny model has blocks 0-3
-    with pytest.raises(MethodError, match="n_ctx"):
+    with pytest.raises(MethodError, match=r"method 'ultraad': option 'ctx_init'.*option 'n_ctx'"):
         make(UltraAD, backbone, n_ctx=6, epochs=0).fit(support)
-    with pytest.raises(MethodError, match="every class"):
+    with pytest.raises(MethodError, match="method 'ultraad': the support set must hold every class"):
         make(UltraAD, backbone, epochs=0).fit(support.of_class(1))
 
 
@@ -235,6 +256,10 @@ def test_descriptions_option_takes_a_path_or_a_mapping(backbone, tmp_path: Path)
         make(UltraAD, backbone, descriptions=str(path))
     with pytest.raises(MethodError, match="neither a built-in set"):
         make(UltraAD, backbone, descriptions=str(tmp_path / "missing.yaml"))
+    # a description longer than the text encoder's context is refused, never silently cut
+    long = {"normal": ["word " * 100], "benign": ["b."], "malignant": ["m."]}
+    with pytest.raises(MethodError, match=r"method 'ultraad': option 'descriptions'.*longer"):
+        make(UltraAD, backbone, descriptions=long).class_text()
 
 
 def test_class_text_is_the_mean_of_normalised_description_embeddings(backbone) -> None:
@@ -274,8 +299,6 @@ def test_prediction_shapes_ranges_and_formulas(fitted: UltraAD, support: Support
     )
     assert torch.allclose(out.prompts.norm(dim=-1), torch.ones(5, 2), atol=1e-5)
     # map = (M + M') / 2, then Gaussian sigma 4 px at 336 (rescaled to 32 px)
-    from bench.anomaly import gaussian_smooth
-
     fused = gaussian_smooth((out.map + out.fused_map) / 2, 4.0 * EVAL / 336)
     assert np.allclose(prediction.maps, fused.clamp(0, 1).numpy(), atol=1e-6)
     # the map depends on the image (instance-aware prompts + patch tokens)
@@ -361,8 +384,6 @@ def test_seg_loss_per_layer_sums_the_layers(backbone, support: SupportSet) -> No
     with torch.no_grad():
         out = model(embeds, tokens, EVAL)
         parts = per_layer.loss_components(out, masks, labels)
-    from bench.anomaly import dice_loss
-
     expected = sum(dice_loss(out.layer_maps[:, i], masks) for i in range(out.layer_maps.shape[1]))
     assert parts["dice_m"].item() == pytest.approx(expected.item(), rel=1e-6)
 

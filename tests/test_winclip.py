@@ -16,37 +16,51 @@ import torch
 import torch.nn.functional as F
 from conftest import SyntheticData, cell_dirs, run_dir_of
 
-from bench.backbone import Backbone, BackboneSpec, load_backbone
 from bench.config import RunConfig
 from bench.errors import MethodError
+from bench.feature_cache import FeatureCache
+from bench.kit import FeatureRequest, Features, nearest_distance, window_indices
+from bench.kit.clip import Backbone
+from bench.kit.variants import Windows, get_variant
 from bench.method import MethodContext, SupportSet
 from bench.runner import run_grid
 from bench.types import ImageItem, Task
+from bench.weights import BackboneSpec, load_backbone
 from methods.winclip import METHODS, WinCLIP, WinCLIPFewShot
 from methods.winclip.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, prompt_ensemble
-from methods.winclip.windows import (
-    CACHE_SUBDIR,
-    Coverage,
-    WindowEncoder,
-    WindowFeatures,
-    anomaly_probability,
-    association_scores,
-    harmonic_aggregation,
-    harmonic_combine,
-    window_indices,
-)
+from methods.winclip.windows import Coverage, anomaly_probability, harmonic_aggregation, harmonic_combine
 
 EVAL_SIZE = 24
 TINY = "bench-tiny-vit"
 
 
-def make_items(n: int, seed: int = 0, prefix: str = "wc") -> list[ImageItem]:
+def make_items(
+    n: int, seed: int = 0, prefix: str = "wc", shape: tuple[int, int] = (52, 70)
+) -> list[ImageItem]:
     rng = np.random.default_rng(seed)
-    images = [rng.integers(0, 256, size=(52, 70, 3), dtype=np.uint8) for _ in range(n)]
+    images = [rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8) for _ in range(n)]
+    return as_items(images, seed, prefix)
+
+
+def as_items(images: list[np.ndarray], seed: int, prefix: str) -> list[ImageItem]:
     return [
         ImageItem(id=f"{prefix}{i}", key=f"{prefix}-{seed}-{i:03d}", loader=lambda a=image: a)
         for i, image in enumerate(images)
     ]
+
+
+def windows_request(*scales: int, stride: int = 1) -> FeatureRequest:
+    return FeatureRequest.of("windows", scales=list(scales), stride=stride)
+
+
+def compute_windows(
+    backbone: Backbone, images: torch.Tensor, request: FeatureRequest
+) -> dict[str, torch.Tensor]:
+    """The windows variant on preprocessed images, uncached and in full fp32."""
+    resolved = backbone.resolve(request)
+    assert resolved.layers is not None
+    with torch.inference_mode():
+        return get_variant("windows").compute(backbone.tower(), images, resolved.layers, resolved)
 
 
 def normal_support(items: list[ImageItem]) -> SupportSet:
@@ -184,14 +198,14 @@ def test_harmonic_aggregation_zero_and_uncovered() -> None:
     assert out[:2, :2].eq(0.4).all() and out[2].eq(0).all() and out[:, 2].eq(0).all()
 
 
-def test_harmonic_combine_and_association_hand_computed() -> None:
+def test_harmonic_combine_and_nearest_distance_hand_computed() -> None:
     """Cross-scale harmonic mean and the (1 - cos) / 2 association with a min over ALL references."""
     maps = [torch.full((1, 2), 0.5), torch.full((1, 2), 0.25), torch.tensor([[1.0, 0.0]])]
     torch.testing.assert_close(harmonic_combine(maps), torch.tensor([[3 / 7, 0.0]]))
     queries = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     memory = torch.tensor([[-1.0, 0.0], [0.6, 0.8]])
     torch.testing.assert_close(
-        association_scores(queries, memory), torch.tensor([[(1 - 0.6) / 2, (1 - 0.8) / 2]])
+        nearest_distance(queries, memory), torch.tensor([[(1 - 0.6) / 2, (1 - 0.8) / 2]])
     )
 
 
@@ -201,50 +215,93 @@ def test_harmonic_combine_and_association_hand_computed() -> None:
 def test_full_window_reproduces_encode_image(backbone: Backbone) -> None:
     """One window holding every patch must be exactly model.encode_image (catches a missing
     positional embedding / ln_pre / ln_post / proj, or the class token not at position 0)."""
-    encoder = WindowEncoder(backbone, [4])
-    images = preprocessed(backbone, make_items(3, seed=5))
-    (windows,), _ = encoder.encode_tensor(images)
+    items = make_items(3, seed=5)
+    images = preprocessed(backbone, items)
     with torch.no_grad():
         reference = backbone.model.encode_image(images)
-    assert windows.shape == (3, 1, backbone.embed_dim)
-    torch.testing.assert_close(windows[:, 0], reference, atol=1e-5, rtol=1e-5)
+    fresh = compute_windows(backbone, images, windows_request(4))["windows_4"]
+    assert fresh.shape == (3, 1, backbone.embed_dim)
+    torch.testing.assert_close(fresh[:, 0], reference, atol=1e-5, rtol=1e-5)
+    # through the cached request too (fp16-rounded)
+    cached = backbone.features(items, windows_request(4))["windows_4"]
+    torch.testing.assert_close(cached[:, 0], reference, atol=2e-3, rtol=2e-3)
 
 
 def test_window_embedding_sees_only_its_patches(backbone: Backbone) -> None:
     """Changing the pixels of patch 0 changes exactly the windows containing patch 0 (catches the
-    off-by-one gather that ignores the class token's slot, and windows leaking other patches)."""
-    encoder = WindowEncoder(backbone, [2, 3])
-    image = preprocessed(backbone, make_items(1, seed=6))
-    changed = image.clone()
-    changed[:, :, :16, :16] = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    before, _ = encoder.encode_tensor(image)
-    after, _ = encoder.encode_tensor(changed)
-    for windows, a, b in zip(encoder.windows, before, after, strict=True):
-        differs = (a[0] - b[0]).abs().amax(dim=-1) > 1e-4
+    off-by-one gather that ignores the class token's slot, and windows leaking other patches).
+    The images are 64 x 64, the model's input size, so preprocessing does not resample them and
+    the change stays inside patch 0."""
+    image = np.random.default_rng(6).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    changed = image.copy()
+    changed[:16, :16] = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    items = as_items([image, changed], seed=6, prefix="patch0-")
+    request = windows_request(2, 3)
+    feats = backbone.features(items, request)
+    for scale in (2, 3):
+        windows = window_indices(backbone.grid, scale)
+        a, b = feats[f"windows_{scale}"]
+        differs = (a - b).abs().amax(dim=-1) > 1e-2
         assert differs.tolist() == (windows == 0).any(dim=1).tolist()
+        same = ~(windows == 0).any(dim=1)
+        assert torch.equal(a[same], b[same])
 
 
 def test_window_features_are_cached_per_image(tmp_path: Path) -> None:
-    """Second encode of the same images computes nothing and returns identical tensors; the cache
-    lives in <cache root>/winclip and its folder depends on the scales."""
+    """Second request for the same images computes nothing and returns identical tensors; the cache
+    lives in <cache root>/winclip, its folder depends on the scales, and its configuration is the
+    one WinCLIP's own window cache had (so existing cache folders stay valid)."""
     backbone = new_backbone(tmp_path / "cache")
     items = make_items(3, seed=7)
-    encoder = WindowEncoder(backbone, [2, 3])
-    cold = encoder.encode(items)
-    assert encoder.n_encoded == 3
-    warm_encoder = WindowEncoder(backbone, [2, 3])
-    warm = warm_encoder.encode(items + items[:1])
+    request = backbone.resolve(windows_request(2, 3))
+    cold = backbone.features(items, request)
+    assert backbone.encoded_by_request[request] == 3
+    assert backbone.n_encoded == 0  # not the run's standard request
+    hits = backbone.cache_stats().hits
+    warm = backbone.features(items + items[:1], windows_request(2, 3))
     # a key repeated in one call is looked up once
-    assert warm_encoder.n_encoded == 0 and warm_encoder.cache.stats().hits == 3
-    for a, b in zip(cold.windows, warm.windows, strict=True):
-        assert torch.equal(a, b[:3]) and torch.equal(a[0], b[3])
-    assert [w.shape for w in cold.windows] == [(3, 9, backbone.embed_dim), (3, 4, backbone.embed_dim)]
-    assert cold.final_patches is None  # the backbone's layers include the last block
-    assert encoder.cache.folder.parent == backbone.cache.root / CACHE_SUBDIR
-    assert WindowEncoder(backbone, [2]).cache.folder != encoder.cache.folder
+    assert backbone.encoded_by_request[request] == 3 and backbone.cache_stats().hits == hits + 3
+    for name in ("windows_2", "windows_3"):
+        assert torch.equal(cold[name], warm[name][:3]) and torch.equal(cold[name][0], warm[name][3])
+    assert cold["windows_2"].shape == (3, 9, backbone.embed_dim)
+    assert cold["windows_3"].shape == (3, 4, backbone.embed_dim)
+    assert "final_patches" not in cold.fields  # the backbone's layers include the last block
+    cache = backbone._cache_for(request)
+    assert cache.folder.parent == tmp_path / "cache" / "winclip" == backbone.cache_root / Windows.cache_subdir
+    assert (cache.folder / "config.json").is_file()
+    assert backbone._cache_for(backbone.resolve(windows_request(2))).folder != cache.folder
+    # the configuration (hence the folder) of the former WinCLIP window cache
+    config = {
+        key: value
+        for key, value in backbone.cache.config.items()
+        if key not in ("cache_format", "length", "layers", "layout", "hash")
+    }
+    config.update(
+        {
+            "kind": "winclip-window-embeddings",
+            "winclip_cache_version": 1,
+            "scales": [2, 3],
+            "stride": 1,
+            "n_windows": [9, 4],
+            "final_patch_tokens": False,
+            "layout": "flat: per scale windows (n_w, D) | last-block patch tokens (N, W) if stored",
+        }
+    )
+    former = FeatureCache(backbone.cache_root / "winclip", config, (9 + 4) * backbone.embed_dim)
+    assert former.folder == cache.folder
     # cached values are the fp16-rounded fresh ones
-    fresh, _ = encoder.encode_tensor(preprocessed(backbone, items))
-    torch.testing.assert_close(cold.windows[1], fresh[1], atol=2e-3, rtol=2e-3)
+    fresh = compute_windows(backbone, preprocessed(backbone, items), request)
+    torch.testing.assert_close(cold["windows_3"], fresh["windows_3"], atol=2e-3, rtol=2e-3)
+    # the chunking of (image, window) pairs is memory-only: a tiny chunk gives the same values
+    tiny_chunks = Windows()
+    tiny_chunks.batch_tokens = 7
+    assert request.layers is not None
+    with torch.inference_mode():
+        chunked = tiny_chunks.compute(
+            backbone.tower(), preprocessed(backbone, items), request.layers, request
+        )
+    for name in ("windows_2", "windows_3"):
+        torch.testing.assert_close(chunked[name], fresh[name], atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- zero-shot
@@ -292,11 +349,13 @@ def test_zero_shot_map_follows_window_scores(backbone: Backbone, monkeypatch: py
     t_normal, t_anomalous = method.text
     windows = t_normal.expand(1, 9, -1).clone()
     windows[0, 0] = t_anomalous  # the top-left window covers patches 0, 1, 4, 5
-    monkeypatch.setattr(method.encoder, "encode", lambda batch: WindowFeatures((windows,), None))
+    monkeypatch.setattr(
+        method, "windows", lambda batch: Features({"windows_2": windows}, backbone.grid, backbone.layers)
+    )
     out = method.analyse(items)
     p_a, p_n = (anomaly_probability(t, method.text, 0.07).item() for t in (t_anomalous, t_normal))
     image = out.scores.item()
-    patch = harmonic_aggregation(anomaly_probability(windows, method.text, 0.07), method.encoder.coverages[0])
+    patch = harmonic_aggregation(anomaly_probability(windows, method.text, 0.07), method.coverages[0])
     expected = harmonic_combine([torch.full((1, 16), image), patch]).reshape(4, 4)
     torch.testing.assert_close(out.maps[0], expected)
     assert out.maps[0, 0, 0] == pytest.approx(2 / (1 / image + 1 / p_a), rel=1e-5)
@@ -317,7 +376,7 @@ def test_query_identical_to_a_reference_scores_zero(backbone: Backbone) -> None:
     assert method.n_references == 2
     # anomalib's patch memory: last-block patch tokens after ln_post, NOT projected (width W)
     raw = backbone.image_features(refs).patch_tokens[:, backbone.layers.index(backbone.depth - 1)]
-    expected_memory = F.normalize(backbone.visual.ln_post(raw), dim=-1).reshape(-1, backbone.width)
+    expected_memory = F.normalize(backbone._visual.ln_post(raw), dim=-1).reshape(-1, backbone.width)
     torch.testing.assert_close(method._patch_memory, expected_memory)
     out = method.analyse([refs[1], *make_items(1, seed=11)])
     assert out.few_shot_maps is not None
@@ -359,7 +418,12 @@ def test_last_block_tokens_when_the_backbone_layers_omit_it(backbone: Backbone, 
         method = make_method(bb, WinCLIPFewShot)
         method.fit(normal_support(refs))
         outs.append(method.analyse(queries))
-    assert WindowEncoder(partial, [2, 3]).store_final_patches
+    # the window request stores the last block's patch tokens only where the layers lack that block
+    assert "final_patches" in partial.features(refs, windows_request(2, 3)).fields
+    assert "final_patches" not in backbone.features(refs, windows_request(2, 3)).fields
+    last = backbone.image_features(refs).patch_tokens[:, -1]
+    final = partial.features(refs, windows_request(2, 3))["final_patches"]
+    torch.testing.assert_close(final, last, atol=2e-3, rtol=0)
     assert outs[1].few_shot_maps is not None and outs[0].few_shot_maps is not None
     torch.testing.assert_close(outs[1].few_shot_maps, outs[0].few_shot_maps, atol=2e-3, rtol=0)
     torch.testing.assert_close(outs[1].scores, outs[0].scores, atol=2e-3, rtol=0)
@@ -374,12 +438,16 @@ def test_outputs_shapes_ranges_and_determinism(cls: type[WinCLIP], tmp_path: Pat
     backbone = new_backbone(tmp_path / "cache")
     items, refs = make_items(5, seed=16), make_items(2, seed=17)
     predictions = []
+    request = backbone.resolve(make_method(backbone, cls).request)
     for _ in range(2):
         method = make_method(backbone, cls)
+        before = dict(backbone.encoded_by_request)
         method.fit(normal_support(refs))
         predictions.append(method.predict(items))
         cold = len(items) + (len(refs) if cls is WinCLIPFewShot else 0)
-        assert method.encoder.n_encoded == (cold if len(predictions) == 1 else 0)
+        encoded = backbone.encoded_by_request.get(request, 0) - before.get(request, 0)
+        assert encoded == (cold if len(predictions) == 1 else 0)
+        assert backbone.n_encoded == cold  # the image embeddings: once, on the first pass
     first, second = predictions
     assert first.probs is None
     assert first.scores.shape == (5,) and first.scores.dtype == np.float64
@@ -393,20 +461,37 @@ def test_outputs_shapes_ranges_and_determinism(cls: type[WinCLIP], tmp_path: Pat
     np.testing.assert_array_equal(first.maps, second.maps)
 
 
-def test_bad_options_are_refused(backbone: Backbone) -> None:
-    with pytest.raises(MethodError):
-        make_method(backbone, no_such_option=1)
-    with pytest.raises(MethodError):
-        make_method(backbone, WinCLIP, patch_features="ln_post")  # few-shot only
-    with pytest.raises(MethodError):
-        make_method(backbone, WinCLIPFewShot, patch_features="mean")
-    for bad in ({"scales": []}, {"scales": [2, 2]}, {"scales": [0]}, {"temperature": 0}, {"stride": 0}):
-        with pytest.raises(MethodError):
-            make_method(backbone, **bad)
-    with pytest.raises(MethodError):
-        make_method(backbone, templates=["no placeholder"])
-    with pytest.raises(MethodError, match="does not fit"):
+@pytest.mark.parametrize(
+    ("cls", "options", "message"),
+    [
+        (WinCLIP, {"no_such_option": 1}, "unknown option(s) ['no_such_option']"),
+        (WinCLIP, {"patch_features": "ln_post"}, "unknown option(s) ['patch_features']"),  # few-shot only
+        (WinCLIPFewShot, {"patch_features": "mean"}, "option 'patch_features' must be one of ['ln_post', "),
+        (WinCLIP, {"scales": []}, "option 'scales' must not be empty, got []"),
+        (WinCLIP, {"scales": [2, 2]}, "option 'scales' must hold distinct window sizes, got [2, 2]"),
+        (WinCLIP, {"scales": [0]}, "option 'scales' must be >= 1, got [0]"),
+        (WinCLIP, {"scales": [2.5]}, "option 'scales' must be a list of int values, got [2.5]"),
+        (WinCLIP, {"temperature": 0}, "option 'temperature' must be > 0, got 0"),
+        (WinCLIP, {"stride": 0}, "option 'stride' must be >= 1, got 0"),
+        (WinCLIP, {"stride": 1.5}, "option 'stride' must be an integer, got 1.5"),
+        (WinCLIP, {"image_scale": "yes"}, "option 'image_scale' must be true or false, got 'yes'"),
+        (WinCLIP, {"templates": ["no {}", "none"]}, "option 'templates' needs exactly one '{}' placeholder"),
+        (WinCLIP, {"object": ""}, "option 'object' must not be empty, got ''"),
+    ],
+)
+def test_bad_options_are_refused(backbone: Backbone, cls: type[WinCLIP], options: dict, message: str) -> None:
+    """The schema refuses each bad value, naming the method, the option and the value."""
+    with pytest.raises(MethodError) as info:
+        make_method(backbone, cls, **options)
+    assert str(info.value).startswith(f"method {cls.name!r}: ")
+    assert message in str(info.value)
+
+
+def test_window_scale_larger_than_the_grid_is_refused(backbone: Backbone) -> None:
+    with pytest.raises(MethodError, match=r"method 'winclip': .*does not fit"):
         make_method(backbone, scales=[5]).predict(make_items(1))
+    method = make_method(backbone, temperature=1)  # an int for a float option is converted
+    assert method.temperature == 1.0 and isinstance(method.config["temperature"], float)
 
 
 # --------------------------------------------------------------------------- the grid

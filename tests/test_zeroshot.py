@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import random_items
 
-from bench.backbone import BackboneSpec, ImageFeatures, load_backbone
 from bench.errors import MethodError
+from bench.kit.requests import Features
 from bench.method import MethodContext
 from bench.types import ImageItem, Task
+from bench.weights import BackboneSpec, load_backbone
 from methods.zeroshot import METHODS, ZeroShotCLIP, build_prompts
 
 EVAL_SIZE = 40
@@ -26,6 +27,14 @@ def make_items(n: int, seed: int = 0) -> list[ImageItem]:
 def backbone(tmp_path_factory: pytest.TempPathFactory):
     spec = BackboneSpec("bench-tiny-vit", "none", cache_dir=tmp_path_factory.mktemp("zs-cache"), device="cpu")
     return load_backbone(spec)
+
+
+def features(
+    backbone, embeds: torch.Tensor, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor
+) -> Features:
+    """Standard-request features built by hand (what ``backbone.image_features`` returns)."""
+    fields = {"embeds": embeds, "cls_tokens": cls_tokens, "patch_tokens": patch_tokens}
+    return Features(fields=fields, grid=backbone.grid, layers=backbone.layers)
 
 
 def make_method(backbone, tmp_path: Path, **config) -> ZeroShotCLIP:
@@ -109,7 +118,8 @@ def test_hand_check_embedding_equal_to_abnormal_text(
 
     def fake(embed: torch.Tensor):
         return (
-            lambda batch: ImageFeatures(
+            lambda batch: features(
+                backbone,
                 embeds=3.0 * embed.expand(len(batch), -1).clone(),  # scale must not matter (cosine)
                 cls_tokens=real.cls_tokens[: len(batch)],
                 patch_tokens=real.patch_tokens[: len(batch)],
@@ -138,7 +148,7 @@ def test_map_follows_patch_tokens(backbone, tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(
         backbone,
         "image_features",
-        lambda batch: ImageFeatures(embeds=real.embeds, cls_tokens=real.cls_tokens, patch_tokens=tokens),
+        lambda batch: features(backbone, real.embeds, real.cls_tokens, tokens),
     )
     maps = method.predict(items).maps
     assert maps is not None
@@ -146,9 +156,21 @@ def test_map_follows_patch_tokens(backbone, tmp_path: Path, monkeypatch: pytest.
 
 
 def test_bad_config_is_refused(backbone, tmp_path: Path) -> None:
-    with pytest.raises(MethodError):
+    with pytest.raises(MethodError, match=r"method 'zeroshot': unknown option\(s\) \['no_such_option'\]"):
         make_method(backbone, tmp_path, no_such_option=1)
-    with pytest.raises(MethodError):
+    with pytest.raises(
+        MethodError, match=r"method 'zeroshot': option 'templates' needs a '\{\}' placeholder"
+    ):
         make_method(backbone, tmp_path, templates=["no placeholder"])
-    with pytest.raises(MethodError):
+    with pytest.raises(MethodError, match="method 'zeroshot': option 'class_states' must map exactly"):
         make_method(backbone, tmp_path, class_states={"normal": ["normal"]})
+    with pytest.raises(MethodError, match="method 'zeroshot': option 'class_states' must map every class"):
+        make_method(backbone, tmp_path, class_states={"normal": ["a"], "benign": [], "malignant": ["c"]})
+    with pytest.raises(MethodError, match="method 'zeroshot': option 'normal_states' must not be empty"):
+        make_method(backbone, tmp_path, normal_states=[])
+    with pytest.raises(MethodError, match="method 'zeroshot': option 'logit_scale' must be a finite number"):
+        make_method(backbone, tmp_path, logit_scale="high")
+    # values are converted, not guessed: an int for a float option, a tuple for a list option
+    method = make_method(backbone, tmp_path, logit_scale=50, templates=("a {}.",))
+    assert method.logit_scale == 50.0 and isinstance(method.config["logit_scale"], float)
+    assert method.config["templates"] == ["a {}."]

@@ -22,16 +22,24 @@ views instead); fp32.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import fewshot
-from bench.errors import MethodError
-from bench.fewshot import COOP_SCHEDULE, FewShotClassifier, common_config
+from bench.kit import (
+    COOP_SCHEDULE,
+    FewShotClassifier,
+    Option,
+    Schedule,
+    common_options,
+    coop_epochs,
+    seeded,
+    train,
+    warmup_cosine,
+)
 from bench.method import MethodContext, SupportSet
 from bench.types import ImageItem
 
@@ -56,33 +64,34 @@ class CLIPAdapter(FewShotClassifier):
     table_group = "classifier"
     table_rank = 2
     description = "CLIP-Adapter: residual bottleneck MLP on the frozen image feature (ratio 0.2)"
-    default_config: ClassVar[Mapping[str, Any]] = {
-        **common_config(),
-        "ratio": 0.2,
-        "reduction": 4,
-        "epochs": None,
-        "batch_size": 32,
+    options: ClassVar[dict[str, Option]] = {
+        **common_options(),
+        "ratio": Option(
+            0.2, float, "residual blend ratio * A(f) + (1 - ratio) * f (official: 0.2)", min=0, max=1
+        ),
+        "reduction": Option(
+            4, int, "adapter bottleneck width = dim // reduction (official Adapter: 4)", min=1
+        ),
+        "epochs": Option(
+            None,
+            int,
+            "training epochs, fixed; null = CoOp's per-shot rule (50 / 100 / 200 for 1 / 2-4 / 8-16 shots)",
+            nullable=True,
+            min=1,
+        ),
+        "batch_size": Option(
+            32, int, "batch size, Dassl sampler and drop-last rule (CoOp configs: 32)", min=1
+        ),
         **COOP_SCHEDULE,
     }
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         cfg = self.config
-        try:
-            self.ratio = float(cfg["ratio"])
-            self.epochs = int(cfg["epochs"]) if cfg["epochs"] is not None else fewshot.coop_epochs(ctx.shots)
-            self.batch_size = int(cfg["batch_size"])
-        except (TypeError, ValueError) as exc:
-            raise MethodError(f"method {self.name!r}: invalid option ({exc})") from exc
-        if not 0.0 <= self.ratio <= 1.0:
-            raise MethodError(f"method {self.name!r}: 'ratio' must be in [0, 1]")
+        self.ratio: float = cfg["ratio"]
+        self.epochs: int = cfg["epochs"] if cfg["epochs"] is not None else coop_epochs(ctx.shots)
+        self.batch_size: int = cfg["batch_size"]
         self.adapter: Adapter | None = None
-
-    def logit_scale(self) -> float:
-        value = self.config["logit_scale"]
-        if value is not None:
-            return float(value)
-        return float(self.ctx.backbone.model.logit_scale.detach().exp().item())
 
     def class_logits(self, raw: torch.Tensor) -> torch.Tensor:
         """Logits of UNNORMALISED frozen features ``raw`` (B, D)."""
@@ -93,33 +102,33 @@ class CLIPAdapter(FewShotClassifier):
     def fit(self, support: SupportSet) -> None:
         cfg = self.config
         labels = self.support_labels(support)
-        views = self.training_views(support, int(cfg["train_views"]), normalise=False)
+        views = self.training_views(support, cfg["train_views"], normalise=False)
         self._scale = self.logit_scale()
-        with fewshot.seeded(self.ctx.seed):
-            self.adapter = Adapter(views[0].shape[1], int(cfg["reduction"])).to(self.device)
+        with seeded(self.ctx.seed):  # the adapter's init, before train() seeds its batch generator
+            self.adapter = Adapter(views[0].shape[1], cfg["reduction"]).to(self.device)
         optimiser = torch.optim.SGD(
             self.adapter.parameters(),
-            lr=float(cfg["lr"]),
-            momentum=float(cfg["momentum"]),
-            weight_decay=float(cfg["weight_decay"]),
+            lr=cfg["lr"],
+            momentum=cfg["momentum"],
+            weight_decay=cfg["weight_decay"],
         )
-        generator = fewshot.make_generator(self.ctx.seed)
-        n = len(labels)
-        self.adapter.train()
-        for epoch in self.ctx.track(range(self.epochs), "clip-adapter epochs"):
-            fewshot.set_lr(
-                optimiser,
-                fewshot.warmup_cosine_lr(
-                    epoch, self.epochs, float(cfg["lr"]), int(cfg["warmup_epochs"]), float(cfg["warmup_lr"])
-                ),
-            )
+
+        def step(batch: torch.Tensor, epoch: int) -> torch.Tensor:
             feats = views[epoch % len(views)]
-            for batch in fewshot.epoch_batches(n, self.batch_size, generator):
-                batch = batch.to(feats.device)
-                loss = F.cross_entropy(self.class_logits(feats[batch]), labels[batch])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
+            batch = batch.to(feats.device)
+            return F.cross_entropy(self.class_logits(feats[batch]), labels[batch])
+
+        lr = warmup_cosine(self.epochs, cfg["lr"], cfg["warmup_epochs"], cfg["warmup_lr"])
+        self.adapter.train()
+        train(
+            optimiser,
+            len(labels),
+            step,
+            Schedule(self.epochs, self.batch_size, lr=lr),  # Dassl's drop-last rule, shuffled
+            seed=self.ctx.seed,
+            track=self.ctx.track,
+            label="clip-adapter epochs",
+        )
         self.adapter.eval()
         self._fitted = True
 

@@ -1,7 +1,7 @@
 """CoOp (Zhou et al., IJCV 2022) and CoCoOp (Zhou et al., CVPR 2022): learned prompt contexts.
 
 Both learn only prompt-side parameters through the harness's shared prompt-learning access
-(:class:`bench.prompt_learning.PromptLearner` -> ``backbone.encode_embeddings``); the image
+(:class:`bench.kit.PromptLearner` -> ``backbone.encode_embeddings``); the image
 and text encoders stay frozen and the image features are the cached frozen embeddings.
 ``logits = logit_scale * cos(f, t_c)`` with CLIP's own ``logit_scale.exp()`` (100 for the
 OpenAI weights), cross-entropy, as ``trainers/coop.py`` / ``trainers/cocoop.py``.
@@ -29,17 +29,25 @@ uses view ``e mod N``; RandomResizedCrop scale 0.5-1, Tip-Adapter's). fp32 throu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from bench import fewshot
-from bench.errors import MethodError
-from bench.fewshot import COOP_SCHEDULE, FewShotClassifier, common_config
+from bench.kit import (
+    COOP_SCHEDULE,
+    POSITIONS,
+    FewShotClassifier,
+    Option,
+    PromptLearner,
+    Schedule,
+    common_options,
+    coop_epochs,
+    train,
+    warmup_cosine,
+)
 from bench.method import MethodContext, SupportSet
-from bench.prompt_learning import POSITIONS, PromptLearner
 from bench.types import ImageItem
 
 
@@ -51,15 +59,27 @@ class CoOp(FewShotClassifier):
     table_rank = 4
     description = "CoOp: learned prompt context (16 tokens) through the frozen text encoder"
     uses_templates = False
-    default_config: ClassVar[Mapping[str, Any]] = {
-        **common_config(templates=False),
-        "n_ctx": 16,
-        "ctx_init": "",
-        "class_specific": False,
-        "class_token_position": "end",
-        "init_std": 0.02,
-        "epochs": None,
-        "batch_size": 32,
+    options: ClassVar[dict[str, Option]] = {
+        **common_options(templates=False),
+        "n_ctx": Option(
+            16, int, "learnable context tokens M when ctx_init is empty (CoOp configs: N_CTX 16)", min=1
+        ),
+        "ctx_init": Option("", str, "phrase whose token embeddings initialise the context ('' = random)"),
+        "class_specific": Option(False, bool, "one context per class (CoOp's CSC) instead of a shared one"),
+        "class_token_position": Option(
+            "end", str, "where the class phrase goes (CoOp's CLASS_TOKEN_POSITION)", choices=POSITIONS
+        ),
+        "init_std": Option(0.02, float, "std of the random context initialisation (CoOp: 0.02)", min=0),
+        "epochs": Option(
+            None,
+            int,
+            "training epochs, fixed; null = CoOp's per-shot rule (50 / 100 / 200 for 1 / 2-4 / 8-16 shots)",
+            nullable=True,
+            min=1,
+        ),
+        "batch_size": Option(
+            32, int, "batch size, Dassl sampler and drop-last rule (CoOp configs: 32)", min=1
+        ),
         **COOP_SCHEDULE,
     }
     meta_net: ClassVar[bool] = False
@@ -68,24 +88,11 @@ class CoOp(FewShotClassifier):
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         cfg = self.config
-        if cfg.get("class_token_position", "end") not in POSITIONS:
-            raise MethodError(f"method {self.name!r}: 'class_token_position' must be one of {POSITIONS}")
-        try:
-            self.epochs = int(cfg["epochs"]) if cfg["epochs"] is not None else fewshot.coop_epochs(ctx.shots)
-            self.batch_size = int(cfg["batch_size"])
-            self.lr = float(cfg["lr"])
-        except (TypeError, ValueError) as exc:
-            raise MethodError(f"method {self.name!r}: invalid option ({exc})") from exc
-        if self.epochs < 1 or self.batch_size < 1:
-            raise MethodError(f"method {self.name!r}: 'epochs' and 'batch_size' must be >= 1")
+        self.epochs: int = cfg["epochs"] if cfg["epochs"] is not None else coop_epochs(ctx.shots)
+        self.batch_size: int = cfg["batch_size"]
+        self.lr: float = cfg["lr"]
         self.learner: PromptLearner | None = None
         self._text: torch.Tensor | None = None
-
-    def logit_scale(self) -> float:
-        value = self.config["logit_scale"]
-        if value is not None:
-            return float(value)
-        return float(self.ctx.backbone.model.logit_scale.detach().exp().item())
 
     def build_learner(self) -> PromptLearner:
         cfg = self.config
@@ -93,14 +100,14 @@ class CoOp(FewShotClassifier):
         return PromptLearner(
             backbone,
             self.names,
-            n_ctx=int(cfg["n_ctx"]),
+            n_ctx=cfg["n_ctx"],
             ctx_init=cfg["ctx_init"] or None,
-            class_specific=bool(cfg.get("class_specific", False)),
-            position=str(cfg.get("class_token_position", "end")),
+            class_specific=cfg.get("class_specific", False),  # CoOp only
+            position=cfg.get("class_token_position", "end"),  # CoOp only
             meta_net=self.meta_net,
             image_dim=backbone.embed_dim,
-            meta_reduction=int(cfg.get("meta_reduction", 16)),
-            init_std=float(cfg.get("init_std", 0.02)),
+            meta_reduction=cfg.get("meta_reduction", 16),  # CoCoOp only
+            init_std=cfg["init_std"],
             seed=self.ctx.seed,
         )
 
@@ -113,30 +120,30 @@ class CoOp(FewShotClassifier):
     def fit(self, support: SupportSet) -> None:
         cfg = self.config
         labels = self.support_labels(support)
-        views = self.training_views(support, int(cfg["train_views"]))
+        views = self.training_views(support, cfg["train_views"])
         self.learner = self.build_learner()
         self.learner.train()
         scale = self.logit_scale()
         optimiser = torch.optim.SGD(
-            self.learner.parameters(),
-            lr=self.lr,
-            momentum=float(cfg["momentum"]),
-            weight_decay=float(cfg["weight_decay"]),
+            self.learner.parameters(), lr=self.lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
         )
-        generator = fewshot.make_generator(self.ctx.seed)
-        n = len(labels)
-        for epoch in self.ctx.track(range(self.epochs), self.progress_label):
-            lr = fewshot.warmup_cosine_lr(
-                epoch, self.epochs, self.lr, int(cfg["warmup_epochs"]), float(cfg["warmup_lr"])
-            )
-            fewshot.set_lr(optimiser, lr)
+
+        def step(batch: torch.Tensor, epoch: int) -> torch.Tensor:
             feats = views[epoch % len(views)]
-            for batch in fewshot.epoch_batches(n, self.batch_size, generator):
-                batch = batch.to(feats.device)
-                loss = F.cross_entropy(self.class_logits(feats[batch], scale), labels[batch])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
+            batch = batch.to(feats.device)
+            return F.cross_entropy(self.class_logits(feats[batch], scale), labels[batch])
+
+        lr = warmup_cosine(self.epochs, self.lr, cfg["warmup_epochs"], cfg["warmup_lr"])
+        schedule = Schedule(self.epochs, self.batch_size, lr=lr)  # Dassl's drop-last rule, shuffled
+        train(
+            optimiser,
+            len(labels),
+            step,
+            schedule,
+            seed=self.ctx.seed,
+            track=self.ctx.track,
+            label=self.progress_label,
+        )
         self.learner.eval()
         self._scale = scale
         self._finish_fit()
@@ -161,14 +168,26 @@ class CoCoOp(CoOp):
     description = (
         "CoCoOp: image-conditioned prompt context (4 tokens + meta-net) through the frozen text encoder"
     )
-    default_config: ClassVar[Mapping[str, Any]] = {
-        **common_config(templates=False),
-        "n_ctx": 4,
-        "ctx_init": "a photo of a",
-        "meta_reduction": 16,
-        "init_std": 0.02,
-        "epochs": 10,
-        "batch_size": 1,
+    options: ClassVar[dict[str, Option]] = {
+        **common_options(templates=False),
+        "n_ctx": Option(4, int, "context tokens M when ctx_init is empty (CoCoOp config: N_CTX 4)", min=1),
+        "ctx_init": Option(
+            "a photo of a", str, "phrase initialising the context, sets M (CoCoOp config: CTX_INIT)"
+        ),
+        "meta_reduction": Option(
+            16, int, "meta-net hidden width = image dim // meta_reduction (CoCoOp: 16)", min=1
+        ),
+        "init_std": CoOp.options["init_std"],
+        "epochs": Option(
+            10,
+            int,
+            "training epochs, fixed (CoCoOp config: 10); null = CoOp's per-shot rule",
+            nullable=True,
+            min=1,
+        ),
+        "batch_size": Option(
+            1, int, "batch size, Dassl sampler and drop-last rule (CoCoOp config: 1)", min=1
+        ),
         **COOP_SCHEDULE,
     }
     meta_net = True

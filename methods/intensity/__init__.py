@@ -9,11 +9,13 @@ method must beat this floor for its numbers to mean anything.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from bench.kit import Option
 from bench.method import Method, Prediction
 from bench.types import ImageItem, Task
 
@@ -28,23 +30,21 @@ class IntensityBaseline(Method):
     tasks = frozenset({Task.DETECT, Task.LOCALIZE})
     uses_support = False
     uses_backbone = False
-    default_config = {
-        # Gaussian sigma in pixels of the evaluation resolution (256 by default).
-        "sigma": 4.0,
-        # Quantile of the map used as the image score.
-        "quantile": 0.99,
+    options: ClassVar[dict[str, Option]] = {
+        "sigma": Option(4.0, float, "Gaussian sigma in pixels of the evaluation resolution", gt=0),
+        "quantile": Option(0.99, float, "quantile of the map used as the image score", min=0, max=1),
     }
 
     def predict(self, items: Sequence[ImageItem]) -> Prediction:
         size = self.ctx.eval_size
         maps = np.stack([self._map(item.rgb(), size) for item in items])
-        scores = np.quantile(maps.reshape(len(items), -1), float(self.config["quantile"]), axis=1)
+        scores = np.quantile(maps.reshape(len(items), -1), self.config["quantile"], axis=1)
         return Prediction(scores=scores.astype(np.float64), maps=maps)
 
     def _map(self, rgb: np.ndarray, size: int) -> np.ndarray:
         gray = Image.fromarray(rgb).convert("L").resize((size, size), Image.Resampling.BILINEAR)
         darkness = 1.0 - np.asarray(gray, dtype=np.float32) / 255.0
-        return gaussian_filter(darkness, sigma=float(self.config["sigma"])).astype(np.float32)
+        return gaussian_filter(darkness, sigma=self.config["sigma"]).astype(np.float32)
 
 
 METHODS = [IntensityBaseline]

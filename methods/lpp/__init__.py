@@ -30,23 +30,21 @@ official classifier runs in CLIP's fp16); frozen cached features of the whole im
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import ClassVar
 
 import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from bench import fewshot
-from bench.errors import MethodError
-from bench.fewshot import FewShotClassifier, common_config
+from bench.kit import FewShotClassifier, Option, Schedule, common_options, make_generator, one_hot, train
 from bench.method import MethodContext, SupportSet
 from bench.types import ImageItem
 
 
 def class_sums(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(C, D) per-class sums of ``features`` (official ``compute_centroids``)."""
-    return fewshot.one_hot(labels, n_classes).T @ features
+    return one_hot(labels, n_classes).T @ features
 
 
 def init_alpha(
@@ -54,7 +52,7 @@ def init_alpha(
 ) -> float:
     """``scale`` x mean over (c, k) of the class-c mean of ``f . t_k`` (official ``calculate_init_alpha``)."""
     logits = features.double() @ text.double().T  # (N, C)
-    onehot = fewshot.one_hot(labels, text.shape[0]).double()
+    onehot = one_hot(labels, text.shape[0]).double()
     class_means = (onehot.T @ logits) / onehot.sum(0)[:, None]  # (C, C)
     return float(scale * class_means.mean())
 
@@ -86,58 +84,77 @@ class LPPlusPlus(FewShotClassifier):
     description = (
         "LP++: linear probe blended with text weights, data-driven step sizes (300 full-batch epochs)"
     )
-    default_config: ClassVar[Mapping[str, Any]] = {
-        **common_config(),
-        "epochs": 300,
-        "momentum": 0.9,
-        "alpha_every": 10,
-        "alpha_init_scale": 250.0,
-        "reset_alpha_grad": False,
-        "train_views": 0,
+    options: ClassVar[dict[str, Option]] = {
+        **common_options(),
+        "epochs": Option(
+            300, int, "full-batch epochs, fixed (official configs/base.yaml: train_epoch 300)", min=1
+        ),
+        "momentum": Option(0.9, float, "SGD momentum of W and b (official: 0.9)", min=0),
+        "alpha_every": Option(
+            10, int, "epochs between two steps on alpha (official: every 10th epoch)", min=1
+        ),
+        "alpha_init_scale": Option(
+            250.0, float, "alpha init = scale x mean class text logit (official: 250)"
+        ),
+        "reset_alpha_grad": Option(
+            False, bool, "sum alpha's gradient over the last alpha_every epochs only (official: never reset)"
+        ),
+        "train_views": Option(
+            0, int, "0 = cached features of the whole image; N = view 0 of N cached augmented views", min=0
+        ),
     }
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        try:
-            self.epochs = int(self.config["epochs"])
-            self.alpha_every = int(self.config["alpha_every"])
-        except (TypeError, ValueError) as exc:
-            raise MethodError(f"method {self.name!r}: invalid option ({exc})") from exc
-        if self.epochs < 1 or self.alpha_every < 1:
-            raise MethodError(f"method {self.name!r}: 'epochs' and 'alpha_every' must be >= 1")
+        self.epochs: int = self.config["epochs"]
+        self.alpha_every: int = self.config["alpha_every"]
         self.state: dict[str, float] = {}
 
     def fit(self, support: SupportSet) -> None:
         cfg = self.config
         labels = self.support_labels(support)
-        views = self.training_views(support, int(cfg["train_views"]))
+        views = self.training_views(support, cfg["train_views"])
         features = views[0]  # LP++ extracts the training features once
         text = self.text_weights()
         n_classes, dim = text.shape
 
         weight = torch.nn.Parameter(class_sums(features, labels, n_classes))
         bound = 1.0 / math.sqrt(dim)
-        generator = fewshot.make_generator(self.ctx.seed)
+        generator = make_generator(self.ctx.seed)  # the bias init; train() never draws (full batch, in order)
         bias = torch.nn.Parameter(
             (torch.rand(n_classes, generator=generator) * 2 * bound - bound).to(self.device)
         )
-        alpha0 = init_alpha(features, labels, text, float(cfg["alpha_init_scale"]))
+        alpha0 = init_alpha(features, labels, text, cfg["alpha_init_scale"])
         alpha = torch.full((n_classes,), alpha0, device=self.device, requires_grad=True)
         step_w = lr_weights(features)
         step_alpha = lr_alpha(features, text)
         self.state = {"alpha_init": alpha0, "lr_w": step_w, "lr_alpha": step_alpha}
 
-        optimiser = torch.optim.SGD([weight, bias], lr=step_w, momentum=float(cfg["momentum"]))
-        for epoch in self.ctx.track(range(self.epochs), "lp++ epochs"):
-            loss = F.cross_entropy(lpp_logits(features, weight, bias, alpha, text), labels)
-            optimiser.zero_grad()  # W and b only: alpha's gradient accumulates, as in the official code
-            loss.backward()
-            optimiser.step()
+        # W and b only: alpha's gradient is never zeroed by the optimiser and accumulates, as official
+        optimiser = torch.optim.SGD([weight, bias], lr=step_w, momentum=cfg["momentum"])
+
+        def step(batch: torch.Tensor, epoch: int) -> torch.Tensor:
+            batch = batch.to(features.device)  # always every sample, in order
+            return F.cross_entropy(lpp_logits(features[batch], weight, bias, alpha, text), labels[batch])
+
+        def after_epoch(epoch: int) -> None:
             if (epoch + 1) % self.alpha_every == 0:
                 with torch.no_grad():
-                    alpha -= step_alpha * alpha.grad
+                    alpha.sub_(step_alpha * alpha.grad)
                 if cfg["reset_alpha_grad"]:
                     alpha.grad = None
+
+        n = len(labels)
+        train(
+            optimiser,
+            n,
+            step,
+            Schedule(self.epochs, n, drop_last=False, shuffle=False),
+            seed=self.ctx.seed,
+            track=self.ctx.track,
+            label="lp++ epochs",
+            after_epoch=after_epoch,
+        )
         self.weight, self.bias, self.alpha = weight.detach(), bias.detach(), alpha.detach()
         self._fitted = True
 

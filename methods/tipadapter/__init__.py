@@ -5,12 +5,13 @@ Cache model built from the support set:
 - keys ``K`` (n, D): for each support image, the L2-normalised MEAN of the (unnormalised)
   frozen ``encode_image`` features of ``augment_views`` augmented views (official
   ``build_cache_model``: ``augment_epoch: 10`` passes of RandomResizedCrop(scale 0.5-1) +
-  horizontal flip); the views come from :func:`bench.fewshot.augmented_embeds` (own cache,
+  horizontal flip); the views come from :func:`bench.kit.augmented_embeds` (own cache,
   not counted as backbone encodings);
 - values ``L`` (n, 3): one-hot labels;
 - query ``f``: the normalised plain cached embedding of the image;
 - ``logits = 100 f W^T + alpha exp(-beta (1 - f K^T)) L`` with ``W`` the zero-shot text
-  classifier (class names x templates, :func:`bench.fewshot.text_classifier`).
+  classifier (class names x templates, :func:`bench.kit.text_classifier`); computed by
+  :func:`bench.kit.cache_logits`.
 
 **alpha / beta** (``search: true``): the official grid (``search_hp``: ``search_step``
 values from 0.1 up to ``search_scale``; ``beta_i = 0.1 + i (scale_b - 0.1) / step_b``,
@@ -39,36 +40,32 @@ published configs to ultrasound speckle; ImageNet's is ``[7, 3]``, ``init_alpha 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench import fewshot
-from bench.errors import MethodError
-from bench.fewshot import FewShotClassifier, common_config
+from bench.kit import (
+    Augmentation,
+    FewShotClassifier,
+    Option,
+    Schedule,
+    augmented_embeds,
+    cache_logits,
+    common_options,
+    cosine_per_step,
+    make_generator,
+    one_hot,
+    train,
+)
 from bench.method import MethodContext, SupportSet
 from bench.types import ImageItem
 
 
-def tip_logits(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    text_weights: torch.Tensor,
-    alpha: float,
-    beta: float,
-    clip_scale: float = 100.0,
-) -> torch.Tensor:
-    """``clip_scale * f W^T + alpha * exp(-beta * (1 - f K^T)) L`` for normalised queries ``f``.
-
-    ``keys`` (n, D), ``values`` (n, C) one-hot, ``text_weights`` (C, D) normalised.
-    """
-    affinity = queries @ keys.T
-    cache_logits = torch.exp(-beta * (1.0 - affinity)) @ values
-    return clip_scale * queries @ text_weights.T + alpha * cache_logits
+def _ordered(value: list[Any]) -> str | None:
+    return None if value[0] <= value[1] else "must be [low, high] with low <= high"
 
 
 def search_grid(scale: float, steps: int) -> list[float]:
@@ -143,36 +140,66 @@ class TipAdapter(FewShotClassifier):
     table_group = "classifier"
     table_rank = 3
     description = "Tip-Adapter: training-free cache model over augmented support features (CLIP few-shot)"
-    default_config: ClassVar[Mapping[str, Any]] = {
-        **common_config(),
-        "augment_views": 10,
-        "augment_seed": None,
-        "crop_scale": [0.5, 1.0],
-        "flip_p": 0.5,
-        "clip_logit_scale": 100.0,
-        "init_alpha": 2.0,
-        "init_beta": 1.0,
-        "search": True,
-        "search_scale": [13.0, 13.0],
-        "search_step": [200, 20],
+    options: ClassVar[dict[str, Option]] = {
+        **common_options(),
+        "augment_views": Option(
+            10, int, "augmented views averaged into each cache key (official augment_epoch: 10)", min=1
+        ),
+        "augment_seed": Option(None, int, "seed of the augmented views; null = the fit seed", nullable=True),
+        "crop_scale": Option(
+            [0.5, 1.0],
+            list,
+            "RandomResizedCrop area range [low, high] (official build_cache_model: scale=(0.5, 1))",
+            items=float,
+            length=2,
+            gt=0,
+            max=1,
+            check=_ordered,
+        ),
+        "flip_p": Option(
+            0.5, float, "horizontal flip probability of a view (official: RandomHorizontalFlip)", min=0, max=1
+        ),
+        "clip_logit_scale": Option(
+            100.0, float, "weight of the zero-shot logits f W^T (official: 100)", min=0
+        ),
+        "init_alpha": Option(
+            2.0, float, "cache weight alpha without search / while training (configs/dtd.yaml)", min=0
+        ),
+        "init_beta": Option(
+            1.0, float, "cache sharpness beta without search / while training (configs/dtd.yaml)", min=0
+        ),
+        "search": Option(
+            True, bool, "choose alpha, beta on the official grid by cross-validation on the support set"
+        ),
+        "search_scale": Option(
+            [13.0, 13.0],
+            list,
+            "grid upper ends [beta, alpha] (official search_scale, configs/dtd.yaml)",
+            items=float,
+            length=2,
+            gt=0,
+        ),
+        "search_step": Option(
+            [200, 20],
+            list,
+            "grid sizes [beta, alpha] (official search_step, configs/dtd.yaml)",
+            items=int,
+            length=2,
+            min=1,
+        ),
     }
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         cfg = self.config
-        try:
-            self.n_views = int(cfg["augment_views"])
-            self.augmentation = fewshot.Augmentation(
-                scale=(float(cfg["crop_scale"][0]), float(cfg["crop_scale"][1])), flip_p=float(cfg["flip_p"])
-            )
-            self.clip_scale = float(cfg["clip_logit_scale"])
-            self.alpha, self.beta = float(cfg["init_alpha"]), float(cfg["init_beta"])
-            self.betas = search_grid(float(cfg["search_scale"][0]), int(cfg["search_step"][0]))
-            self.alphas = search_grid(float(cfg["search_scale"][1]), int(cfg["search_step"][1]))
-        except (TypeError, ValueError, IndexError, KeyError) as exc:
-            raise MethodError(f"method {self.name!r}: invalid option ({exc})") from exc
-        if self.n_views < 1:
-            raise MethodError(f"method {self.name!r}: 'augment_views' must be >= 1")
+        self.n_views = cfg["augment_views"]
+        self.augmentation = Augmentation(
+            scale=(cfg["crop_scale"][0], cfg["crop_scale"][1]), flip_p=cfg["flip_p"]
+        )
+        self.clip_scale = cfg["clip_logit_scale"]
+        self.alpha, self.beta = cfg["init_alpha"], cfg["init_beta"]
+        self.betas = search_grid(cfg["search_scale"][0], cfg["search_step"][0])
+        self.alphas = search_grid(cfg["search_scale"][1], cfg["search_step"][1])
         seed = cfg["augment_seed"]
         self.augment_seed = int(ctx.seed if seed is None else seed)
         self.keys: torch.Tensor | None = None
@@ -182,7 +209,7 @@ class TipAdapter(FewShotClassifier):
     # -- cache construction --------------------------------------------------------------
     def support_views(self, support: SupportSet) -> torch.Tensor:
         """(V, n, D) unnormalised augmented-view embeddings of the support images."""
-        views = fewshot.augmented_embeds(
+        views = augmented_embeds(
             self.ctx.backbone, support.items, self.n_views, self.augment_seed, self.augmentation
         )
         return views.float().to(self.device)
@@ -196,7 +223,7 @@ class TipAdapter(FewShotClassifier):
         labels = self.support_labels(support)
         views = self.support_views(support)
         queries = self.embeds(support.items)
-        values = fewshot.one_hot(labels, len(self.names))
+        values = one_hot(labels, len(self.names))
         text = self.text_weights()
         keys = self.keys_from_views(views)
         if self.config["search"]:
@@ -243,7 +270,7 @@ class TipAdapter(FewShotClassifier):
     def logits(self, items: Sequence[ImageItem]) -> torch.Tensor:
         assert self.keys is not None and self.values is not None
         queries = self.embeds(items)
-        return tip_logits(
+        return cache_logits(
             queries, self.keys, self.values, self.text_weights(), self.alpha, self.beta, self.clip_scale
         )
 
@@ -255,14 +282,18 @@ class TipAdapterF(TipAdapter):
     table_group = "classifier"
     table_rank = 3
     description = "Tip-Adapter-F: Tip-Adapter cache with fine-tuned keys (AdamW, cosine, 20 epochs)"
-    default_config: ClassVar[Mapping[str, Any]] = {
-        **TipAdapter.default_config,
-        "epochs": 20,
-        "lr": 0.001,
-        "eps": 1e-4,
-        "weight_decay": 0.01,
-        "batch_size": 256,
-        "cv_folds": 4,
+    options: ClassVar[dict[str, Option]] = {
+        **TipAdapter.options,
+        "epochs": Option(20, int, "fine-tuning epochs, fixed (official configs: train_epoch 20)", min=1),
+        "lr": Option(
+            0.001, float, "AdamW learning rate, cosine per step (official configs: lr 0.001)", min=0
+        ),
+        "eps": Option(1e-4, float, "AdamW eps (official main.py: 1e-4)", gt=0),
+        "weight_decay": Option(0.01, float, "AdamW weight decay (torch's default, as official)", min=0),
+        "batch_size": Option(256, int, "training batch size, shuffled (official: 256)", min=1),
+        "cv_folds": Option(
+            4, int, "stratified folds of the alpha/beta search (fewer when a class has fewer images)", min=2
+        ),
     }
 
     def train_keys(
@@ -275,39 +306,37 @@ class TipAdapterF(TipAdapter):
         *,
         final: bool,
     ) -> torch.Tensor:
-        """Fine-tune the keys (as a bias-free Linear's weight) on augmented views; returns them detached."""
+        """Fine-tune the keys (as a bias-free Linear's weight) on augmented views; returns them detached.
+
+        Epoch ``e`` trains on view ``e mod V``; the progress bar is shown for the final fit only.
+        """
         cfg = self.config
-        epochs, batch_size = int(cfg["epochs"]), int(cfg["batch_size"])
         weight = torch.nn.Parameter(keys.detach().clone())
         optimiser = torch.optim.AdamW(
-            [weight], lr=float(cfg["lr"]), eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"])
+            [weight], lr=cfg["lr"], eps=cfg["eps"], weight_decay=cfg["weight_decay"]
         )
-        generator = fewshot.make_generator(self.ctx.seed)
         train_views = F.normalize(views, dim=-1)
-        n = train_views.shape[1]
-        steps_per_epoch = len(fewshot.epoch_batches(n, batch_size, generator, shuffle=False, drop_last=False))
-        total, step = epochs * steps_per_epoch, 0
-        epoch_range = range(epochs)
-        rounds = self.ctx.track(epoch_range, "tip-adapter-f epochs") if final else epoch_range
-        for epoch in rounds:
+
+        def step(batch: torch.Tensor, epoch: int) -> torch.Tensor:
             feats = train_views[epoch % train_views.shape[0]]
-            for batch in fewshot.epoch_batches(n, batch_size, generator, drop_last=False):
-                fewshot.set_lr(optimiser, fewshot.cosine_lr(step, total, float(cfg["lr"])))
-                batch = batch.to(feats.device)
-                logits = tip_logits(
-                    feats[batch],
-                    weight,
-                    values,
-                    text,
-                    float(cfg["init_alpha"]),
-                    float(cfg["init_beta"]),
-                    self.clip_scale,
-                )
-                loss = F.cross_entropy(logits, labels[batch])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                step += 1
+            batch = batch.to(feats.device)
+            logits = cache_logits(
+                feats[batch], weight, values, text, cfg["init_alpha"], cfg["init_beta"], self.clip_scale
+            )
+            return F.cross_entropy(logits, labels[batch])
+
+        schedule = Schedule(
+            cfg["epochs"], cfg["batch_size"], drop_last=False, lr=cosine_per_step(cfg["lr"]), lr_per="step"
+        )
+        train(
+            optimiser,
+            train_views.shape[1],
+            step,
+            schedule,
+            seed=self.ctx.seed,
+            track=self.ctx.track if final else None,
+            label="tip-adapter-f epochs",
+        )
         return weight.detach()
 
     def search(
@@ -320,16 +349,16 @@ class TipAdapterF(TipAdapter):
     ) -> tuple[float, float]:
         labels_np = labels.cpu().numpy()
         counts = np.bincount(labels_np, minlength=len(self.names))
-        n_folds = min(int(self.config["cv_folds"]), int(counts.min()))
+        n_folds = min(self.config["cv_folds"], int(counts.min()))
         if n_folds < 2:
             self.search_result = {"skipped": 1.0}
             return self.alpha, self.beta
-        generator = fewshot.make_generator(self.ctx.seed + 7919)
+        generator = make_generator(self.ctx.seed + 7919)
         folds = stratified_folds(labels_np, n_folds, generator)
         grid = GridScore(self.betas, self.alphas)
         for held_out in self.ctx.track(folds, "tip-adapter-f cv folds"):
-            train = np.setdiff1d(np.arange(len(labels_np)), held_out)
-            tr = torch.as_tensor(train, device=queries.device)
+            kept = np.setdiff1d(np.arange(len(labels_np)), held_out)
+            tr = torch.as_tensor(kept, device=queries.device)
             ho = torch.as_tensor(held_out, device=queries.device)
             keys = self.train_keys(
                 self.keys_from_views(views[:, tr]), views[:, tr], labels[tr], values[tr], text, final=False

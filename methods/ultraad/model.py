@@ -4,13 +4,13 @@
 
 - ``g`` (:class:`ResidualProjection`): ``g(f) = f + ratio * MLP(f)``, last layer zero-initialised;
   the one shared projected class token feeding the classifier and the MiniNet;
-- ``prompt`` (:class:`bench.prompt_learning.PromptLearner`): shared context ``v_1..v_M`` and the
+- ``prompt`` (:class:`bench.kit.PromptLearner`): shared context ``v_1..v_M`` and the
   two state phrases (``normal ...`` / ``abnormal ...``); ``mininet`` (CoCoOp's meta-net shape,
   ``Linear(D, D/16) - ReLU - Linear(D/16, text_width)``) gives the instance token
   ``pi(x) = MiniNet(g(f))``, passed to the prompt learner as its per-image offset;
-- ``adapters`` (:class:`bench.anomaly.LayerAdapters`): one ``Linear(W -> D)`` per used layer on
+- ``adapters`` (:class:`bench.kit.LayerAdapters`): one ``Linear(W -> D)`` per used layer on
   raw patch tokens;
-- ``pif`` (:class:`bench.anomaly.PrototypeCrossAttention`, optional): the prototypes
+- ``pif`` (:class:`bench.kit.PrototypeCrossAttention`, optional): the prototypes
   ``t̂_n = norm(mean(t_n(x), W_text[normal]))`` and ``t̂_a = norm(mean(t_a(x), W_text[benign],
   W_text[malignant]))`` attend to the adapted patch tokens; residual + L2 norm gives ``T'``;
 - ``memory_keys`` (trainable, optional) with the buffers ``memory_values`` (one-hot) and
@@ -29,12 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.anomaly import LayerAdapters, PrototypeCrossAttention, memory_logits, text_similarity_maps
-from bench.fewshot import seeded
-from bench.prompt_learning import MetaNet, PromptLearner
+from bench.kit import (
+    LayerAdapters,
+    MetaNet,
+    PromptLearner,
+    PrototypeCrossAttention,
+    cache_logits,
+    seeded,
+    text_similarity_maps,
+)
 
 if TYPE_CHECKING:
-    from bench.backbone import Backbone
+    from bench.kit import Backbone
 
 #: PIF key/value sources: each layer's own adapted tokens, or all layers' tokens at once.
 PIF_TOKENS = ("per-layer", "all-layers")
@@ -204,11 +210,11 @@ class UltraADNet(nn.Module):
         logits = None
         if self.memory_keys is not None:
             assert self.memory_values is not None
-            logits = memory_logits(
+            logits = cache_logits(
                 F.normalize(gf, dim=-1),
-                self.class_text,
                 self.memory_keys,
                 self.memory_values,
+                self.class_text,
                 self.alpha,
                 self.beta,
                 self.clip_logit_scale,

@@ -9,7 +9,7 @@ on the harness's shared frozen backbone:
   cosine normalises the mean).
 - Zero-shot score of an embedding: ``softmax(cos(e, [t_normal, t_anomalous]) / 0.07)[1]``.
 - ``winclip``: image score = zero-shot score of the image embedding (cached backbone
-  feature). Map: window embeddings (:mod:`methods.winclip.windows`, cached) at each scale
+  feature). Map: window embeddings (the toolkit's ``windows`` forward variant, cached) at each scale
   are scored, aggregated per patch by the harmonic mean over the windows covering it, and
   the per-scale maps are combined by a harmonic mean TOGETHER WITH the image score as a
   constant map (anomalib's "full image scale"), then upsampled bilinearly to the evaluation
@@ -25,34 +25,35 @@ on the harness's shared frozen backbone:
 from __future__ import annotations
 
 import logging
-import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.errors import MethodError
+from bench.errors import BackboneError, MethodError
+from bench.kit import FeatureRequest, Features, Option, nearest_distance, text_classifier, window_indices
 from bench.method import Method, MethodContext, Prediction, SupportSet
 from bench.types import ImageItem, Task
 from methods.winclip.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, prompt_ensemble
-from methods.winclip.windows import (
-    WindowEncoder,
-    anomaly_probability,
-    association_scores,
-    harmonic_aggregation,
-    harmonic_combine,
-)
+from methods.winclip.windows import Coverage, anomaly_probability, harmonic_aggregation, harmonic_combine
 
 log = logging.getLogger(__name__)
 
-#: Prompt-ensemble embeddings per backbone (frozen, so shared by every instance and fit unit).
-_TEXT_MEMO: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], torch.Tensor]] = weakref.WeakKeyDictionary()
-
 #: Few-shot patch-token variants: what is compared between query and reference patches.
 PATCH_FEATURES = ("ln_post", "projected", "raw")
+
+
+def _placeholders(value: list[str]) -> str | None:
+    if any(v.count("{}") != 1 for v in value):
+        return "needs exactly one '{}' placeholder in every entry"
+    return None
+
+
+def _distinct(value: list[int]) -> str | None:
+    return "must hold distinct window sizes" if len(set(value)) != len(value) else None
 
 
 @dataclass
@@ -80,89 +81,103 @@ class WinCLIP(Method):
     tasks = frozenset({Task.DETECT, Task.LOCALIZE})
     uses_support = False
     uses_backbone = True
-    default_config: ClassVar[Mapping[str, Any]] = {
-        # Object name inside every state phrase.
-        "object": "breast ultrasound image",
-        # The published compositional prompt ensemble (anomalib's lists, verbatim).
-        "normal_states": list(NORMAL_STATES),
-        "anomalous_states": list(ANOMALOUS_STATES),
-        "templates": list(TEMPLATES),
-        # False = anomalib: average the raw prompt embeddings; True = normalise each first.
-        "normalize_prompts": False,
-        # Softmax temperature on cosine similarities (CLIP's 0.07 = logit scale 1/0.07).
-        "temperature": 0.07,
-        # Window sizes in patches (stride 1 = every position), as in the paper.
-        "scales": [2, 3],
-        "stride": 1,
-        # True = anomalib: the image score is one more "scale" in the harmonic combination.
-        "image_scale": True,
-        # Tokens per transformer forward when encoding windows (memory vs speed only).
-        "batch_tokens": 16384,
+    options: ClassVar[dict[str, Option]] = {
+        "object": Option(
+            "breast ultrasound image", str, "object name inside every state phrase", nonempty=True
+        ),
+        "normal_states": Option(
+            list(NORMAL_STATES),
+            list,
+            "normal state phrases (anomalib's list)",
+            items=str,
+            nonempty=True,
+            check=_placeholders,
+        ),
+        "anomalous_states": Option(
+            list(ANOMALOUS_STATES),
+            list,
+            "anomalous state phrases (anomalib's list)",
+            items=str,
+            nonempty=True,
+            check=_placeholders,
+        ),
+        "templates": Option(
+            list(TEMPLATES),
+            list,
+            "prompt templates (anomalib's 21)",
+            items=str,
+            nonempty=True,
+            check=_placeholders,
+        ),
+        "normalize_prompts": Option(
+            False, bool, "false = anomalib: average the raw prompt embeddings; true = normalise each first"
+        ),
+        "temperature": Option(0.07, float, "softmax temperature on cosine similarities (CLIP's 0.07)", gt=0),
+        "scales": Option(
+            [2, 3],
+            list,
+            "window sizes in patches, as in the paper",
+            items=int,
+            min=1,
+            nonempty=True,
+            check=_distinct,
+        ),
+        "stride": Option(1, int, "window stride in patches (1 = every position)", min=1),
+        "image_scale": Option(
+            True, bool, "true = anomalib: the image score is one more scale in the harmonic combination"
+        ),
     }
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        cfg = self.config
-        if not isinstance(cfg["object"], str) or not cfg["object"].strip():
-            raise MethodError(f"method {self.name!r}: option 'object' must be a non-empty string")
-        for key in ("normal_states", "anomalous_states", "templates"):
-            value = cfg[key]
-            if not (isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value)):
-                raise MethodError(f"method {self.name!r}: option {key!r} must be a non-empty list of strings")
-            if any(v.count("{}") != 1 for v in value):
-                raise MethodError(
-                    f"method {self.name!r}: every entry of {key!r} needs exactly one '{{}}' placeholder"
-                )
-        try:
-            self.temperature = float(cfg["temperature"])
-        except (TypeError, ValueError) as exc:
-            raise MethodError(f"method {self.name!r}: 'temperature' must be a number") from exc
-        if not self.temperature > 0:
-            raise MethodError(f"method {self.name!r}: 'temperature' must be > 0")
-        scales = cfg["scales"]
-        if (
-            not isinstance(scales, list | tuple)
-            or not scales
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in scales)
-            or len(set(scales)) != len(scales)
-        ):
-            raise MethodError(
-                f"method {self.name!r}: 'scales' must be distinct positive integers, got {scales!r}"
-            )
-        if not isinstance(cfg["stride"], int) or cfg["stride"] < 1:
-            raise MethodError(f"method {self.name!r}: 'stride' must be a positive integer")
-        if not isinstance(cfg["batch_tokens"], int) or cfg["batch_tokens"] < 1:
-            raise MethodError(f"method {self.name!r}: 'batch_tokens' must be a positive integer")
+        self.temperature = self.config["temperature"]
+        self.request = FeatureRequest.of(
+            "windows", scales=self.config["scales"], stride=self.config["stride"]
+        )
         self._text: torch.Tensor | None = None
-        self._encoder: WindowEncoder | None = None
+        self._coverages: tuple[Coverage, ...] | None = None
 
     # -- shared pieces ---------------------------------------------------------------------
     @property
-    def encoder(self) -> WindowEncoder:
-        """The cached window encoder (built on first use: it needs the backbone's grid)."""
-        if self._encoder is None:
+    def coverages(self) -> tuple[Coverage, ...]:
+        """Which windows cover each patch, per scale (built on first use: it needs the grid)."""
+        if self._coverages is None:
             backbone = self.ctx.backbone
             try:
-                self._encoder = WindowEncoder(
-                    backbone, self.config["scales"], self.config["stride"], self.config["batch_tokens"]
-                )
+                windows = [
+                    window_indices(backbone.grid, s, self.config["stride"]) for s in self.config["scales"]
+                ]
             except ValueError as exc:
-                raise MethodError(f"method {self.name!r}: {exc} of {backbone.spec.model}") from exc
-        return self._encoder
+                raise MethodError(f"method {self.name!r}: {exc} of {backbone.model_name}") from exc
+            self._coverages = tuple(Coverage.of(w, backbone.n_patches) for w in windows)
+        return self._coverages
+
+    def windows(self, items: Sequence[ImageItem]) -> Features:
+        """Cached window embeddings of ``items`` (fields ``windows_<scale>``, maybe ``final_patches``)."""
+        _ = self.coverages  # a scale that does not fit the grid fails here, naming the method
+        try:
+            return self.ctx.backbone.features(items, self.request)
+        except BackboneError as exc:
+            raise MethodError(f"method {self.name!r}: {exc}") from exc
+
+    def window_embeds(self, windows: Features) -> list[torch.Tensor]:
+        return [windows[f"windows_{s}"] for s in self.config["scales"]]
 
     @property
     def text(self) -> torch.Tensor:
         """(2, D) [normal, anomalous] class text embeddings (not normalised)."""
         if self._text is None:
             cfg = self.config
-            rows = []
-            for states in (cfg["normal_states"], cfg["anomalous_states"]):
-                prompts = tuple(prompt_ensemble(states, cfg["templates"], cfg["object"]))
-                embeds = _prompt_embeddings(self.ctx.backbone, prompts)
-                if cfg["normalize_prompts"]:
-                    embeds = F.normalize(embeds, dim=-1)
-                rows.append(embeds.mean(dim=0))
-            self._text = torch.stack(rows)
+            prompts = [
+                prompt_ensemble(states, cfg["templates"], cfg["object"])
+                for states in (cfg["normal_states"], cfg["anomalous_states"])
+            ]
+            try:
+                self._text = text_classifier(
+                    self.ctx.backbone, prompts, normalize_each=cfg["normalize_prompts"], normalize_rows=False
+                )
+            except ValueError as exc:
+                raise MethodError(f"method {self.name!r}: {exc}") from exc
         return self._text
 
     def _zero_shot(
@@ -175,7 +190,7 @@ class WinCLIP(Method):
         maps = []
         if self.config["image_scale"]:
             maps.append(scores[:, None].expand(-1, grid_h * grid_w))
-        for window_embeds, coverage in zip(windows, self.encoder.coverages, strict=True):
+        for window_embeds, coverage in zip(windows, self.coverages, strict=True):
             window_scores = anomaly_probability(window_embeds, text, self.temperature)
             maps.append(harmonic_aggregation(window_scores, coverage.to(embeds.device)))
         return scores, harmonic_combine(maps).reshape(-1, grid_h, grid_w)
@@ -184,8 +199,8 @@ class WinCLIP(Method):
         """All intermediate outputs of a batch on the patch grid (what :meth:`predict` upsamples)."""
         with torch.no_grad():
             embeds = self.ctx.backbone.image_features(items).embeds
-            windows = self.encoder.encode(items)
-            scores, maps = self._zero_shot(embeds, windows.windows)
+            windows = self.windows(items)
+            scores, maps = self._zero_shot(embeds, self.window_embeds(windows))
         return WinCLIPOutput(scores, maps, None, scores, maps)
 
     def predict(self, items: Sequence[ImageItem]) -> Prediction:
@@ -201,14 +216,6 @@ class WinCLIP(Method):
         )
 
 
-def _prompt_embeddings(backbone: Any, prompts: tuple[str, ...]) -> torch.Tensor:
-    """(n, D) raw text embeddings of ``prompts``, computed once per backbone object."""
-    memo = _TEXT_MEMO.setdefault(backbone, {})
-    if prompts not in memo:
-        memo[prompts] = backbone.encode_text(list(prompts)).float()
-    return memo[prompts]
-
-
 class WinCLIPFewShot(WinCLIP):
     """WinCLIP+: zero-shot WinCLIP averaged with nearest-normal-reference association scores."""
 
@@ -217,34 +224,33 @@ class WinCLIPFewShot(WinCLIP):
     table_rank = 0
     description = "WinCLIP+ few-shot: zero-shot WinCLIP + association to the normal support images"
     uses_support = True
-    default_config: ClassVar[Mapping[str, Any]] = {
-        **WinCLIP.default_config,
-        # Patch-level few-shot features from the last block: "ln_post" (anomalib: ln_post,
-        # unprojected, width W), "projected" (ln_post @ proj, dim D) or "raw" (residual stream).
-        "patch_features": "ln_post",
+    options: ClassVar[dict[str, Option]] = {
+        **WinCLIP.options,
+        "patch_features": Option(
+            "ln_post",
+            str,
+            "last-block patch features compared with the references: ln_post (anomalib: unprojected, "
+            "width W), projected (ln_post @ proj) or raw (residual stream)",
+            choices=PATCH_FEATURES,
+        ),
     }
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        if self.config["patch_features"] not in PATCH_FEATURES:
-            raise MethodError(
-                f"method {self.name!r}: 'patch_features' must be one of {list(PATCH_FEATURES)}, "
-                f"got {self.config['patch_features']!r}"
-            )
         self._patch_memory: torch.Tensor | None = None
         self._window_memory: list[torch.Tensor] | None = None
         self.n_references = 0
 
-    def _final_patch_features(self, features: Any, windows: Any) -> torch.Tensor:
+    def _final_patch_features(self, features: Features, windows: Features) -> torch.Tensor:
         """(B, N, C) L2-normalised last-block patch features as chosen by ``patch_features``."""
         backbone = self.ctx.backbone
-        if windows.final_patches is not None:
-            raw = windows.final_patches
+        if "final_patches" in windows.fields:
+            raw = windows["final_patches"]
         else:
             raw = features.patch_tokens[:, backbone.layers.index(backbone.depth - 1)]
         mode = self.config["patch_features"]
         if mode == "ln_post":
-            tokens = backbone.visual.ln_post(raw)
+            tokens = backbone.ln_post(raw)
         elif mode == "projected":
             tokens = backbone.project_tokens(raw)
         else:
@@ -260,11 +266,11 @@ class WinCLIPFewShot(WinCLIP):
         items = list(references.items)
         with torch.no_grad():
             features = self.ctx.backbone.image_features(items)
-            windows = self.encoder.encode(items)
+            windows = self.windows(items)
             patches = self._final_patch_features(features, windows)
             self._patch_memory = patches.reshape(-1, patches.shape[-1])
             self._window_memory = [
-                F.normalize(w.float(), dim=-1).reshape(-1, w.shape[-1]) for w in windows.windows
+                F.normalize(w.float(), dim=-1).reshape(-1, w.shape[-1]) for w in self.window_embeds(windows)
             ]
         self.n_references = len(items)
         log.debug("%s: %d normal reference images", self.name, self.n_references)
@@ -276,16 +282,17 @@ class WinCLIPFewShot(WinCLIP):
         grid_h, grid_w = backbone.grid
         with torch.no_grad():
             features = backbone.image_features(items)
-            windows = self.encoder.encode(items)
-            zs_scores, zs_maps = self._zero_shot(features.embeds, windows.windows)
+            windows = self.windows(items)
+            window_embeds = self.window_embeds(windows)
+            zs_scores, zs_maps = self._zero_shot(features.embeds, window_embeds)
 
             patches = self._final_patch_features(features, windows)
-            few_shot = [association_scores(patches, self._patch_memory.to(patches.device))]
-            for window_embeds, memory, coverage in zip(
-                windows.windows, self._window_memory, self.encoder.coverages, strict=True
+            few_shot = [nearest_distance(patches, self._patch_memory.to(patches.device))]
+            for embeds, memory, coverage in zip(
+                window_embeds, self._window_memory, self.coverages, strict=True
             ):
-                queries = F.normalize(window_embeds.float(), dim=-1)
-                scores = association_scores(queries, memory.to(queries.device))
+                queries = F.normalize(embeds.float(), dim=-1)
+                scores = nearest_distance(queries, memory.to(queries.device))
                 few_shot.append(harmonic_aggregation(scores, coverage.to(queries.device)))
             fs_maps = torch.stack(few_shot).mean(dim=0).reshape(-1, grid_h, grid_w)
 

@@ -7,7 +7,7 @@
   its normalised prompt embeddings.
 - Image score: ``softmax(logit_scale * cos(embed, [t_normal, t_abnormal]))[abnormal]``.
 - Map: patch tokens of the LAST chosen backbone layer, projected into the joint space
-  (:meth:`~bench.backbone.Backbone.project_tokens`), the same two-way softmax per patch,
+  (:meth:`~bench.kit.clip.Backbone.project_tokens`), the same two-way softmax per patch,
   reshaped to the patch grid and bilinearly upsampled to ``ctx.eval_size``.
 - 3-class probabilities: ``softmax(logit_scale * cos(embed, [t_normal, t_benign, t_malignant]))``
   with class prompt ensembles built the same way from ``class_states``.
@@ -18,7 +18,7 @@ once per method instance.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import MethodError
+from bench.kit import Option, text_classifier
 from bench.method import Method, MethodContext, Prediction, class_names
 from bench.types import ImageItem, Task
 
@@ -45,6 +46,20 @@ def build_prompts(states: Sequence[str], templates: Sequence[str], obj: str) -> 
     return [t.format(p) for p in phrases for t in templates]
 
 
+def _str_lists(value: dict[str, Any]) -> str | None:
+    if set(value) != set(class_names()):
+        return f"must map exactly {list(class_names())} to phrase lists"
+    if not all(
+        isinstance(v, list | tuple) and v and all(isinstance(x, str) for x in v) for v in value.values()
+    ):
+        return "must map every class to a non-empty list of strings"
+    return None
+
+
+def _has_placeholder(value: list[str]) -> str | None:
+    return None if all("{}" in t for t in value) else "needs a '{}' placeholder in every template"
+
+
 class ZeroShotCLIP(Method):
     name = "zeroshot"
     table_group = "reference"
@@ -53,61 +68,65 @@ class ZeroShotCLIP(Method):
     tasks = frozenset({Task.DETECT, Task.CLASSIFY, Task.LOCALIZE})
     uses_support = False
     uses_backbone = True
-    default_config: ClassVar[Mapping[str, Any]] = {
-        "object": "breast ultrasound image",
-        "normal_states": ["normal", "healthy", "lesion-free", "unremarkable"],
-        "abnormal_states": ["abnormal", "{} with a lesion", "{} with a tumor", "{} with a mass"],
-        "templates": list(DEFAULT_TEMPLATES),
-        "class_states": {
-            "normal": ["normal", "healthy", "{} without a lesion"],
-            "benign": ["{} with a benign lesion", "{} with a benign tumor", "benign"],
-            "malignant": ["{} with a malignant lesion", "{} with a malignant tumor", "malignant"],
-        },
-        "logit_scale": 100.0,
+    options: ClassVar[dict[str, Option]] = {
+        "object": Option("breast ultrasound image", str, "object name in every prompt"),
+        "normal_states": Option(
+            ["normal", "healthy", "lesion-free", "unremarkable"],
+            list,
+            "normal state phrases",
+            items=str,
+            nonempty=True,
+        ),
+        "abnormal_states": Option(
+            ["abnormal", "{} with a lesion", "{} with a tumor", "{} with a mass"],
+            list,
+            "abnormal state phrases ('{}' = the object, else the phrase is prefixed)",
+            items=str,
+            nonempty=True,
+        ),
+        "templates": Option(
+            list(DEFAULT_TEMPLATES),
+            list,
+            "prompt templates",
+            items=str,
+            nonempty=True,
+            check=_has_placeholder,
+        ),
+        "class_states": Option(
+            {
+                "normal": ["normal", "healthy", "{} without a lesion"],
+                "benign": ["{} with a benign lesion", "{} with a benign tumor", "benign"],
+                "malignant": ["{} with a malignant lesion", "{} with a malignant tumor", "malignant"],
+            },
+            dict,
+            "state phrases of each class for the 3-class probabilities",
+            check=_str_lists,
+        ),
+        "logit_scale": Option(100.0, float, "scale of the cosine similarities before the softmax"),
     }
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        cfg = self.config
-        for key in ("normal_states", "abnormal_states", "templates"):
-            if not _is_str_list(cfg[key]):
-                raise MethodError(f"method {self.name!r}: option {key!r} must be a non-empty list of strings")
-        if any("{}" not in t for t in cfg["templates"]):
-            raise MethodError(
-                f"method {self.name!r}: every template needs a '{{}}' placeholder, got {cfg['templates']}"
-            )
-        class_states = cfg["class_states"]
-        if not isinstance(class_states, Mapping) or set(class_states) != set(class_names()):
-            raise MethodError(
-                f"method {self.name!r}: option 'class_states' must map exactly {list(class_names())} "
-                "to phrase lists"
-            )
-        if not all(_is_str_list(class_states[c]) for c in class_names()):
-            raise MethodError(
-                f"method {self.name!r}: every 'class_states' entry must be a non-empty list of strings"
-            )
-        try:
-            self.logit_scale = float(cfg["logit_scale"])
-        except (TypeError, ValueError) as exc:
-            raise MethodError(f"method {self.name!r}: 'logit_scale' must be a number") from exc
+        self.logit_scale = self.config["logit_scale"]
         self._anomaly_text: torch.Tensor | None = None
         self._class_text: torch.Tensor | None = None
 
     # -- text side (once per instance) ----------------------------------------------------
-    def _class_embedding(self, states: Sequence[str]) -> torch.Tensor:
-        prompts = build_prompts(states, self.config["templates"], self.config["object"])
-        embeds = F.normalize(self.ctx.backbone.encode_text(prompts).float(), dim=-1)
-        return F.normalize(embeds.mean(dim=0), dim=-1)
+    def _classifier(self, state_lists: Sequence[Sequence[str]]) -> torch.Tensor:
+        prompts = [
+            build_prompts(states, self.config["templates"], self.config["object"]) for states in state_lists
+        ]
+        try:
+            return text_classifier(self.ctx.backbone, prompts)
+        except ValueError as exc:
+            raise MethodError(f"method {self.name!r}: {exc}") from exc
 
     @property
     def anomaly_text(self) -> torch.Tensor:
         """(2, D) normalised [normal, abnormal] text embeddings."""
         if self._anomaly_text is None:
-            self._anomaly_text = torch.stack(
-                [
-                    self._class_embedding(self.config["normal_states"]),
-                    self._class_embedding(self.config["abnormal_states"]),
-                ]
+            self._anomaly_text = self._classifier(
+                [self.config["normal_states"], self.config["abnormal_states"]]
             )
         return self._anomaly_text
 
@@ -116,7 +135,7 @@ class ZeroShotCLIP(Method):
         """(3, D) normalised [normal, benign, malignant] text embeddings."""
         if self._class_text is None:
             states = self.config["class_states"]
-            self._class_text = torch.stack([self._class_embedding(states[c]) for c in class_names()])
+            self._class_text = self._classifier([states[c] for c in class_names()])
         return self._class_text
 
     # -- prediction -----------------------------------------------------------------------
@@ -144,10 +163,6 @@ class ZeroShotCLIP(Method):
             probs=probs.cpu().numpy().astype(np.float64),
             maps=maps.cpu().numpy().astype(np.float32),
         )
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list | tuple) and len(value) > 0 and all(isinstance(v, str) for v in value)
 
 
 METHODS = [ZeroShotCLIP]

@@ -1,49 +1,19 @@
-"""The shared frozen CLIP backbone: weights loading, preprocessing, cached features, text side.
+"""Weights resolution and backbone loading (harness side).
 
-Every CLIP-based method gets the same :class:`Backbone` (``ctx.backbone``): an open_clip
-model in eval mode with every parameter frozen, plus a :class:`~bench.feature_cache.FeatureCache`
-so an image is pushed through the vision tower once per feature configuration, however
-many methods, shots, seeds and runs use it.
-
-Preprocessing (explicit, identical for every method — a known source of silent
-discrepancies between papers):
-
-- the WHOLE image is resized to a square ``S x S`` (``S`` = :attr:`Backbone.input_size`)
-  with PIL bicubic resampling (antialiased when shrinking), aspect ratio NOT kept and
-  nothing cropped. open_clip's own eval transform resizes the short side and
-  centre-crops; that would cut off image borders, and anomaly maps must cover the
-  whole image, so we squash instead;
-- grey/RGBA inputs become RGB (channel replicated / alpha dropped);
-- values are scaled to [0, 1] and normalised with the mean/std of the model's
-  preprocessing config (open_clip's, including the pretrained tag's overrides).
-
-:attr:`Backbone.preprocessing_id` spells this out and is part of the cache key.
-
-Vision features (:meth:`Backbone.image_features`), all float32 on the backbone device:
-
-- ``embeds`` (B, D): what ``model.encode_image`` returns (pooled, projected, NOT normalised);
-- ``cls_tokens`` (B, L, W): raw class token after each chosen block (no ln_post, no proj);
-- ``patch_tokens`` (B, L, N, W): raw patch tokens after each chosen block, row-major over
-  the ``grid`` (N = grid_h * grid_w).
-
-``layers`` are 0-based transformer block indices, always stored sorted ascending (the
-order open_clip returns them in); the default is evenly spaced quarters of the depth,
-e.g. (5, 11, 17, 23) for 24 blocks. :meth:`Backbone.project_tokens` maps raw tokens into
-the joint space (``ln_post`` then ``@ proj``); with the last block among the layers,
-``project_tokens(cls_tokens[:, -1]) == embeds`` (up to the fp16 cache rounding).
-
-Features are stored as fp16; a freshly computed batch is rounded the same way before it
-is returned, so cache hits and misses give bit-identical tensors. Returned feature
-tensors are ordinary tensors (not inference tensors) and may be used in autograd.
+:func:`load_backbone` builds the frozen CLIP described by a :class:`BackboneSpec` and hands
+it to the method toolkit's adapter (:class:`bench.kit.clip.Backbone`), which owns
+preprocessing, cached features and the text side.
 
 Weights (``BackboneSpec.pretrained``): an open_clip tag (``openai``,
 ``laion2b_s34b_b79k``, ...), a local checkpoint path, ``hf-hub:org/repo`` (weights of that
-repo for the named architecture) or ``none`` (deterministic random init: pipeline smoke
-tests only, numbers are meaningless). Weights are looked up in the local open_clip /
-Hugging Face caches first; without network (or with ``HF_HUB_OFFLINE=1``) a missing file
-fails within seconds with a :class:`~bench.errors.BackboneError` that says how to supply it.
-A tag trained with QuickGELU on an architecture name that builds GELU (e.g. ``openai`` on
-``ViT-L-14-336``) is refused with the ``-quickgelu`` name to use instead.
+repo for the named architecture), ``auto`` (the model's standard weights when cached or
+downloadable, else random init after a loud warning) or ``none`` (deterministic random
+init: pipeline smoke tests only, numbers are meaningless). Weights are looked up in the
+local open_clip / Hugging Face caches first; without network (or with
+``HF_HUB_OFFLINE=1``) a missing file fails within seconds with a
+:class:`~bench.errors.BackboneError` that says how to supply it. A tag trained with
+QuickGELU on an architecture name that builds GELU (e.g. ``openai`` on ``ViT-L-14-336``) is
+refused with the ``-quickgelu`` name to use instead.
 """
 
 from __future__ import annotations
@@ -62,17 +32,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
-from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
-from PIL import Image
 
 from bench.errors import BackboneError
-from bench.feature_cache import CacheStats, FeatureCache
-from bench.results import BackboneIdentity
-from bench.types import ImageItem
+from bench.kit.clip import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +52,6 @@ RANDOM_INIT_SEED = 0
 NETWORK_PROBE_TIMEOUT_S = 5.0
 #: Suffixes that mark ``pretrained`` as a file path rather than a tag.
 CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".ckpt", ".npz")
-_TEXT_CHUNK = 256
 
 
 def _register_model_configs() -> None:
@@ -116,25 +79,6 @@ class BackboneSpec:
     device: str = "auto"
     #: Images per vision-tower forward pass when filling the cache.
     batch_size: int = 32
-
-
-@dataclass(frozen=True)
-class ImageFeatures:
-    """Frozen vision features of B images (see the module docstring for shapes)."""
-
-    embeds: torch.Tensor
-    cls_tokens: torch.Tensor
-    patch_tokens: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.embeds.shape[0])
-
-
-def default_layers(depth: int) -> tuple[int, ...]:
-    """Evenly spaced quarters of ``depth`` blocks: 24 -> (5, 11, 17, 23), 12 -> (2, 5, 8, 11)."""
-    if depth < 4:
-        return tuple(range(depth))
-    return tuple(sorted({depth * k // 4 - 1 for k in range(1, 5)}))
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -485,257 +429,19 @@ def load_backbone(spec: BackboneSpec) -> Backbone:
     finally:
         if quiet is not None:
             root.removeFilter(quiet)
-    backbone = Backbone(spec, model, weights.identity, device)
+    init = None
+    if weights.identity == RANDOM_INIT:
+        # random init depends on the seed and on torch's RNG implementation
+        init = f"seed={RANDOM_INIT_SEED},torch={torch.__version__.split('+')[0]}"
+    backbone = Backbone(
+        model,
+        model_name=spec.model,
+        weights=weights.identity,
+        device=device,
+        layers=spec.layers,
+        cache_dir=spec.cache_dir,
+        batch_size=spec.batch_size,
+        init=init,
+    )
     backbone.weights_warning = weights.warning
     return backbone
-
-
-class Backbone:
-    """A frozen open_clip ViT with a feature cache and prompt-learning access (see module doc)."""
-
-    def __init__(
-        self, spec: BackboneSpec, model: torch.nn.Module, weights: str, device: torch.device
-    ) -> None:
-        visual = getattr(model, "visual", None)
-        if not isinstance(visual, VisionTransformer):
-            raise BackboneError(
-                f"{spec.model}: only open_clip VisionTransformer image towers are supported "
-                f"(got {type(visual).__name__}); use a ViT-* model"
-            )
-        if visual.attn_pool is not None or visual.pool_type != "tok" or visual.proj is None:
-            raise BackboneError(
-                f"{spec.model}: the image tower must pool the class token and project it "
-                f"(attn_pool={visual.attn_pool is not None}, pool_type={visual.pool_type!r}); use a CLIP ViT"
-            )
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        self.spec = spec
-        self.weights_warning: str | None = None
-        self.device = device
-        self.model = model.to(device)
-        self.visual: VisionTransformer = visual
-
-        depth = len(visual.transformer.resblocks)
-        if spec.layers is None:
-            layers = default_layers(depth)
-        else:
-            layers = tuple(sorted(int(i) for i in spec.layers))
-            if not layers or len(set(layers)) != len(layers) or layers[0] < 0 or layers[-1] >= depth:
-                raise BackboneError(
-                    f"layers {spec.layers} must be distinct 0-based block indices in [0, {depth - 1}] "
-                    f"for {spec.model}"
-                )
-        self.layers: tuple[int, ...] = layers
-        self.depth = depth
-        self.input_size = int(visual.image_size[0])
-        if visual.image_size[0] != visual.image_size[1]:
-            raise BackboneError(f"{spec.model}: non-square input {visual.image_size} is not supported")
-        self.grid: tuple[int, int] = (int(visual.grid_size[0]), int(visual.grid_size[1]))
-        self.n_patches = self.grid[0] * self.grid[1]
-        self.width = int(visual.conv1.out_channels)
-        self.embed_dim = int(visual.output_dim)
-
-        # text tower (CLIP keeps it on the model itself, CustomTextCLIP under .text)
-        text = getattr(model, "text", None)
-        self._text_owner = text if isinstance(text, TextTransformer) else model
-        self._prompt_learning_ok = self._text_owner is model or (
-            text.cls_emb is None and not text.use_pad_mask  # type: ignore[union-attr]
-        )
-        token_embedding = getattr(self._text_owner, "token_embedding", None)
-        self.text_width = int(token_embedding.embedding_dim) if token_embedding is not None else 0
-        self.context_length = int(getattr(model, "context_length", 0) or getattr(text, "context_length", 77))
-        self._tokenizer = open_clip.get_tokenizer(spec.model)
-
-        cfg = visual.preprocess_cfg
-        self.mean = tuple(float(v) for v in cfg["mean"])
-        self.std = tuple(float(v) for v in cfg["std"])
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        fmt = ",".join
-        self.preprocessing_id = (
-            f"whole-image-squash:pil-bicubic:{self.input_size}x{self.input_size}:rgb01:"
-            f"mean={fmt(f'{v:.6g}' for v in self.mean)}:std={fmt(f'{v:.6g}' for v in self.std)}"
-        )
-        self.identity = BackboneIdentity(
-            model=spec.model, weights=weights, input_size=self.input_size, layers=self.layers
-        )
-
-        n_layers = len(self.layers)
-        self._sizes = (self.embed_dim, n_layers * self.width, n_layers * self.n_patches * self.width)
-        cache_config: dict[str, Any] = {
-            "model": spec.model,
-            "weights": weights,
-            "input_size": self.input_size,
-            "preprocessing": self.preprocessing_id,
-            "layers": list(self.layers),
-            "embed_dim": self.embed_dim,
-            "width": self.width,
-            "grid": list(self.grid),
-            "dtype": "float16",
-            "layout": "flat: embeds (D) | cls_tokens (L, W) | patch_tokens (L, N, W)",
-        }
-        if weights == RANDOM_INIT:
-            # random init depends on the seed and on torch's RNG implementation
-            cache_config["init"] = f"seed={RANDOM_INIT_SEED},torch={torch.__version__.split('+')[0]}"
-        self.cache = FeatureCache(spec.cache_dir, cache_config, sum(self._sizes))
-        self.n_encoded = 0
-
-    # -- bookkeeping --------------------------------------------------------------------
-    @property
-    def cache_hits(self) -> int:
-        return self.cache.stats().hits
-
-    @property
-    def cache_misses(self) -> int:
-        return self.cache.stats().misses
-
-    def cache_stats(self) -> CacheStats:
-        return self.cache.stats()
-
-    def __repr__(self) -> str:
-        return f"Backbone({self.identity.label}, layers={self.layers}, device={self.device})"
-
-    # -- image side ---------------------------------------------------------------------
-    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """uint8 (H, W, 3) image -> float32 (3, S, S): whole image squashed, bicubic, normalised."""
-        array = np.asarray(rgb)
-        if array.dtype != np.uint8:
-            raise TypeError(f"preprocess expects a uint8 image, got {array.dtype}")
-        if array.ndim == 2:
-            array = np.repeat(array[:, :, None], 3, axis=2)
-        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-            raise ValueError(f"preprocess expects an (H, W, 3) image, got shape {array.shape}")
-        if array.shape[2] == 1:
-            array = np.repeat(array, 3, axis=2)
-        elif array.shape[2] == 4:
-            array = array[:, :, :3]
-        size = self.input_size
-        image = Image.fromarray(np.ascontiguousarray(array))
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
-        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return ((tensor - self._mean) / self._std).contiguous()
-
-    def _encode(self, items: Sequence[ImageItem]) -> np.ndarray:
-        """Push ``items`` through the vision tower: (b, flat) float32 numpy."""
-        batch = torch.stack([self.preprocess(item.rgb()) for item in items]).to(self.device)
-        with torch.inference_mode():
-            out = self.visual.forward_intermediates(
-                batch,
-                indices=list(self.layers),
-                output_fmt="NLC",
-                output_extra_tokens=True,
-            )
-            patches = out["image_intermediates"]
-            prefix = out["image_intermediates_prefix"]
-            if len(patches) != len(self.layers) or len(prefix) != len(self.layers):
-                raise BackboneError(
-                    f"open_clip returned {len(patches)} intermediates for layers {self.layers}"
-                )
-            embeds = out["image_features"].float()
-            cls_tokens = torch.stack([p[:, 0] for p in prefix], dim=1).float()
-            patch_tokens = torch.stack(patches, dim=1).float()
-            flat = torch.cat([embeds, cls_tokens.flatten(1), patch_tokens.flatten(1)], dim=1)
-        self.n_encoded += len(items)
-        return flat.cpu().numpy()
-
-    def image_features(self, items: Sequence[ImageItem]) -> ImageFeatures:
-        """Frozen features of ``items`` (cached on disk; only misses are encoded, in batches)."""
-        items = list(items)
-        rows = self.cache.rows(items, self._encode, self.spec.batch_size, "features")
-
-        n, n_layers = len(items), len(self.layers)
-        d, cls_size, _ = self._sizes
-        embeds = np.empty((n, self.embed_dim), dtype=np.float32)
-        cls_tokens = np.empty((n, n_layers, self.width), dtype=np.float32)
-        patch_tokens = np.empty((n, n_layers, self.n_patches, self.width), dtype=np.float32)
-        for i, item in enumerate(items):
-            row = rows[item.key]
-            embeds[i] = row[:d]
-            cls_tokens[i] = row[d : d + cls_size].reshape(n_layers, self.width)
-            patch_tokens[i] = row[d + cls_size :].reshape(n_layers, self.n_patches, self.width)
-        return ImageFeatures(
-            embeds=torch.from_numpy(embeds).to(self.device),
-            cls_tokens=torch.from_numpy(cls_tokens).to(self.device),
-            patch_tokens=torch.from_numpy(patch_tokens).to(self.device),
-        )
-
-    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Raw width-W tokens (any leading shape) -> joint space D: ``ln_post(tokens) @ proj``."""
-        if tokens.shape[-1] != self.width:
-            raise ValueError(f"project_tokens expects last dim {self.width}, got {tuple(tokens.shape)}")
-        return self.visual.ln_post(tokens) @ self.visual.proj
-
-    # -- text side ----------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """Token ids (n, context_length), long, on the backbone device."""
-        if isinstance(texts, str):
-            texts = [texts]
-        return self._tokenizer(list(texts)).to(self.device, dtype=torch.long)
-
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """Frozen text embeddings (n, D), float32, not normalised (``model.encode_text``)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if not texts:
-            return torch.empty(0, self.embed_dim, device=self.device)
-        outputs = []
-        with torch.no_grad():  # not inference_mode: callers may use the result in autograd
-            for start in range(0, len(texts), _TEXT_CHUNK):
-                ids = self.tokenize(texts[start : start + _TEXT_CHUNK])
-                outputs.append(self.model.encode_text(ids).float())
-        return torch.cat(outputs)
-
-    def token_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """The frozen token-embedding lookup: (n, ctx) ids -> (n, ctx, text_width)."""
-        self._require_prompt_learning()
-        with torch.no_grad():
-            return self._text_owner.token_embedding(token_ids.to(self.device)).float()
-
-    def encode_embeddings(self, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Run the frozen text transformer on (possibly learnable) token embeddings.
-
-        ``embeddings`` (n, ctx, text_width) replace the token lookup; ``token_ids`` (n, ctx)
-        only locate the pooling (EOT) position as open_clip does. Returns (n, D), not
-        normalised; gradients flow to ``embeddings`` and never into backbone parameters.
-        """
-        self._require_prompt_learning()
-        owner = self._text_owner
-        if embeddings.ndim != 3 or embeddings.shape[-1] != self.text_width:
-            raise ValueError(f"embeddings must be (n, ctx, {self.text_width}), got {tuple(embeddings.shape)}")
-        if token_ids.shape != embeddings.shape[:2]:
-            raise ValueError(
-                f"token_ids {tuple(token_ids.shape)} must match embeddings {tuple(embeddings.shape[:2])}"
-            )
-        ctx = embeddings.shape[1]
-        transformer = owner.transformer
-        cast_dtype = transformer.get_cast_dtype()
-        x = embeddings.to(cast_dtype) + owner.positional_embedding[:ctx].to(cast_dtype)
-        attn_mask = owner.attn_mask
-        if attn_mask is not None:
-            attn_mask = attn_mask[:ctx, :ctx]
-        x = transformer(x, attn_mask=attn_mask)
-        x = owner.ln_final(x)
-        if owner is self.model:
-            pool_type, eos_id = self.model.text_pool_type, getattr(self.model, "text_eos_id", None)
-        else:
-            pool_type, eos_id = owner.pool_type, getattr(owner, "eos_id", None)
-        x = text_global_pool(x, token_ids.to(x.device), pool_type, eos_token_id=eos_id)
-        projection = owner.text_projection
-        if projection is not None:
-            x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
-        return x.float()
-
-    def _require_prompt_learning(self) -> None:
-        if not self._prompt_learning_ok or self.text_width == 0:
-            raise BackboneError(
-                f"{self.spec.model}: prompt learning needs a standard open_clip text transformer "
-                "(no Hugging Face text tower, no appended class token)"
-            )
-
-
-def normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """L2-normalise along ``dim`` (a convenience for methods)."""
-    return F.normalize(x, dim=dim)

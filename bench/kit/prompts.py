@@ -1,10 +1,16 @@
-"""Learnable prompt contexts (CoOp / CoCoOp style) through the shared frozen text encoder.
+"""Text prompts through the frozen text encoder: hand-written classifiers and learnable contexts.
 
-:class:`PromptLearner` is one ``nn.Module`` that turns M learnable context vectors and a
-fixed phrase per class into text features, always through
-:meth:`bench.backbone.Backbone.encode_embeddings` (the harness's single prompt-learning
-access to the frozen text transformer: gradients reach the context vectors and the
-meta-net, never the backbone)::
+**Hand-written prompts.** :func:`text_classifier` turns prompt lists (one per class) into a
+zero-shot classifier: each row the L2-normalised mean of the L2-normalised prompt
+embeddings (``clip_classifier`` in Tip-Adapter / LP++); :func:`class_prompts` fills
+templates with class phrases. :data:`DEFAULT_CLASS_NAMES` and :data:`DEFAULT_TEMPLATES` are
+the breast-ultrasound defaults (CLIP's ``"a photo of a {}."`` is :data:`CLIP_TEMPLATE`);
+:func:`class_names_option` and :func:`templates_option` are the matching option schemas.
+
+**Learnable contexts** (CoOp / CoCoOp / UltraAD). :class:`PromptLearner` is one
+``nn.Module`` that turns M learnable context vectors and a fixed phrase per class into text
+features, always through :meth:`bench.kit.clip.Backbone.encode_embeddings` (gradients reach
+the context vectors and the meta-net, never the backbone)::
 
     [SOS] [v_1] ... [v_M] phrase_c . [EOS]          (class token at the "end", CoOp's default)
 
@@ -29,19 +35,113 @@ learning several times cheaper (``truncate=False`` keeps the full context length
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from bench.fewshot import make_generator, seeded
+from bench.kit.adapters import MetaNet
+from bench.kit.options import Option
+from bench.kit.training import make_generator, seeded
+from bench.method import class_names
 
 if TYPE_CHECKING:
-    from bench.backbone import Backbone
+    from bench.kit.clip import Backbone
+
+#: Default class phrases (breast ultrasound), in :data:`~bench.types.CLASSES` order.
+DEFAULT_CLASS_NAMES: dict[str, str] = {
+    "normal": "normal breast tissue",
+    "benign": "benign breast lesion",
+    "malignant": "malignant breast lesion",
+}
+
+
+#: Default prompt template(s) around a class phrase.
+DEFAULT_TEMPLATES: list[str] = ["a breast ultrasound image of {}."]
+
+
+#: CLIP's generic template (pass ``templates: ["a photo of a {}."]`` to use it).
+CLIP_TEMPLATE = "a photo of a {}."
+
+
+def _class_names_problem(value: Any) -> str | None:
+    wanted = list(class_names())
+    if not isinstance(value, Mapping) or set(value) != set(wanted):
+        return f"must map exactly {wanted} to phrases"
+    if not all(isinstance(value[c], str) and value[c].strip() for c in wanted):
+        return "must map every class to a non-empty string"
+    return None
+
+
+def _templates_problem(value: Any) -> str | None:
+    if not all(isinstance(t, str) and t.count("{}") == 1 for t in value):
+        return f"must hold strings with one '{{}}' each (e.g. {DEFAULT_TEMPLATES} or [{CLIP_TEMPLATE!r}])"
+    return None
+
+
+def class_names_option(default: Mapping[str, str] | None = None) -> Option:
+    """The ``class_names`` option: a mapping normal/benign/malignant -> class phrase."""
+    return Option(
+        dict(default or DEFAULT_CLASS_NAMES), dict, "phrase of each class", check=_class_names_problem
+    )
+
+
+def templates_option(default: Sequence[str] | None = None) -> Option:
+    """The ``templates`` option: non-empty list of prompt templates, each with one ``{}``."""
+    return Option(
+        list(default or DEFAULT_TEMPLATES),
+        list,
+        "prompt templates around a class phrase (one '{}' each)",
+        items=str,
+        nonempty=True,
+        check=_templates_problem,
+    )
+
+
+def names_in_class_order(mapping: Mapping[str, str]) -> list[str]:
+    """The phrases of a validated ``class_names`` option as a list in class order."""
+    return [mapping[c].strip() for c in class_names()]
+
+
+def class_prompts(names: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
+    """``prompts[c]`` = every template filled with class ``c``'s phrase."""
+    return [[t.format(name) for t in templates] for name in names]
+
+
+def text_classifier(
+    backbone: Backbone,
+    prompts: Sequence[Sequence[str]],
+    *,
+    normalize_each: bool = True,
+    normalize_rows: bool = True,
+) -> torch.Tensor:
+    """One row per class from its prompts: (C, D) on the backbone device.
+
+    Row ``c`` = normalise(mean over prompts of normalise(encode_text(prompt))) by default
+    (Tip-Adapter / LP++ ``clip_classifier``); ``normalize_each=False`` averages the raw
+    embeddings (anomalib's WinCLIP) and ``normalize_rows=False`` leaves the mean as it is.
+    A prompt longer than the text encoder's context is an error, never silently cut.
+    """
+    rows = []
+    for sentences in prompts:
+        sentences = list(sentences)
+        ids = backbone.tokenize(sentences)
+        if bool((ids[:, -1] != 0).any()):
+            raise ValueError(f"a prompt is longer than the text encoder's {ids.shape[1]} tokens: {sentences}")
+        embeds = backbone.encode_text(sentences).float()
+        if normalize_each:
+            embeds = F.normalize(embeds, dim=-1)
+        row = embeds.mean(dim=0)
+        rows.append(F.normalize(row, dim=-1) if normalize_rows else row)
+    return torch.stack(rows)
+
 
 #: Class token positions CoOp supports.
 POSITIONS = ("end", "middle", "front")
+
+
 #: Prompts per text-encoder call (bounds memory when B x C is large).
 ENCODE_CHUNK = 512
 
@@ -65,18 +165,11 @@ def _truncation_is_exact(backbone: Backbone) -> bool:
     return bool(torch.isinf(attn_mask[causal]).all()) and bool((attn_mask[~causal] == 0).all())
 
 
-class MetaNet(nn.Sequential):
-    """CoCoOp's meta-net: ``Linear(d, hidden) - ReLU - Linear(hidden, out)`` (with biases)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
-
-
 class PromptLearner(nn.Module):
     """Learnable context + fixed class phrases -> text features via ``backbone.encode_embeddings``.
 
     Args:
-        backbone: the shared frozen :class:`~bench.backbone.Backbone` (kept as a plain
+        backbone: the shared frozen :class:`~bench.kit.clip.Backbone` (kept as a plain
             reference, never registered as a submodule: ``parameters()`` and ``state_dict()``
             hold only the learnable parts).
         names: one phrase per class, e.g. ``["normal breast tissue", ...]``.
@@ -217,12 +310,18 @@ class PromptLearner(nn.Module):
 
     # -- text features --------------------------------------------------------------------
     def forward(
-        self, image_features: torch.Tensor | None = None, offset: torch.Tensor | None = None
+        self,
+        image_features: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+        *,
+        deep_prompts: Mapping[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Text features (not normalised): (C, D), or (B, C, D) when image-conditioned.
 
         With a meta-net, ``image_features`` (B, image_dim) give the offset ``meta_net(f)``; an
         explicit ``offset`` (B, text_width) is used as is (and added to the meta-net's, if both).
+        ``deep_prompts[l]`` (P, W) replace the P positions after the start token entering text
+        block ``l`` (see :meth:`~bench.kit.clip.Backbone.encode_embeddings`).
         """
         if image_features is not None:
             if self.meta_net is None:
@@ -233,20 +332,22 @@ class PromptLearner(nn.Module):
             raise ValueError("this PromptLearner has a meta-net: pass image_features (or an offset)")
         embeddings = self.prompt_embeddings(offset)
         if embeddings.dim() == 3:
-            return self._encode(embeddings, self.token_ids)
+            return self._encode(embeddings, self.token_ids, deep_prompts)
         batch, n_cls, length, width = embeddings.shape
         flat_ids = self.token_ids.unsqueeze(0).expand(batch, -1, -1).reshape(batch * n_cls, length)
-        features = self._encode(embeddings.reshape(batch * n_cls, length, width), flat_ids)
+        features = self._encode(embeddings.reshape(batch * n_cls, length, width), flat_ids, deep_prompts)
         return features.reshape(batch, n_cls, -1)
 
-    def _encode(self, embeddings: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if embeddings.shape[0] <= ENCODE_CHUNK:
-            return self.backbone.encode_embeddings(embeddings, ids)
+    def _encode(
+        self, embeddings: torch.Tensor, ids: torch.Tensor, deep: Mapping[int, torch.Tensor] | None
+    ) -> torch.Tensor:
         chunks = [
-            self.backbone.encode_embeddings(embeddings[s : s + ENCODE_CHUNK], ids[s : s + ENCODE_CHUNK])
+            self.backbone.encode_embeddings(
+                embeddings[s : s + ENCODE_CHUNK], ids[s : s + ENCODE_CHUNK], deep_prompts=deep
+            )
             for s in range(0, embeddings.shape[0], ENCODE_CHUNK)
         ]
-        return torch.cat(chunks)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def extra_repr(self) -> str:
         kind = "class-specific" if self.class_specific else "unified"

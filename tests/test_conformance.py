@@ -78,6 +78,11 @@ def query_items() -> list[ImageItem]:
     return random_items(4, seed=12, shape=(40, 48), prefix="test", key_prefix="conformance-test")
 
 
+#: Options the tiny test model needs (its text encoder has 2 blocks; AnomalyCLIP's deep tokens
+#: default to text blocks 1..8 of CLIP's 12).
+TINY_MODEL_OPTIONS = {"anomalyclip": {"deep_depth": 2}}
+
+
 def fitted(cls: type[Method], factory, tmp_path: Path, seed: int = 0) -> Method:
     used_factory = factory if cls.uses_backbone else None
     ctx = MethodContext(
@@ -85,7 +90,7 @@ def fitted(cls: type[Method], factory, tmp_path: Path, seed: int = 0) -> Method:
         seed=seed,
         shots=2,
         scratch_dir=tmp_path,
-        config={},
+        config=TINY_MODEL_OPTIONS.get(cls.name, {}),
         eval_size=EVAL_SIZE,
         backbone_factory=used_factory,
     )
@@ -142,3 +147,17 @@ def test_declared_resources_are_honoured(name: str, backbone_factory, tmp_path: 
             _ = method.ctx.backbone
     prediction = method.predict(query_items())
     assert np.isfinite(np.asarray(prediction.scores)).all()
+
+
+def test_paper_config_method_options_are_valid() -> None:
+    """configs/paper.yaml's method_config names registered methods and passes their schemas
+    (e.g. AnomalyCLIP's and April-GAN's official 518 px input, 37 x 37 patches of ViT-L/14)."""
+    from conftest import REPO_ROOT
+
+    from bench.config import load_config
+
+    config = load_config(REPO_ROOT / "configs" / "paper.yaml")
+    assert {"anomalyclip", "aprilgan"} <= set(config.method_config)
+    for name, options in config.method_config.items():
+        validated = validate(registry.get_method(name).options, options, name)
+        assert validated["input_size"] % 14 == 0 and validated["input_size"] // 14 == 37

@@ -178,7 +178,10 @@ def test_vv_tokens_accumulate_over_the_original_stream(backbone: Backbone, start
     torch.testing.assert_close(fresh["vv_tokens"], expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fresh["embeds"], reference_embeds, atol=1e-5, rtol=1e-5)
     cached = backbone.features(items, request)
-    assert set(cached) == {"embeds", "vv_tokens"}
+    assert set(cached) == {"embeds", "cls_token", "vv_tokens"}
+    # the original path's raw class token after the last block, no ln_post (AnomalyCLIP's global feature)
+    final_standard = backbone.features(items, FeatureRequest.of("standard", layers=[backbone.depth - 1]))
+    torch.testing.assert_close(cached.cls_token, final_standard.cls_tokens[:, 0], atol=0, rtol=0)
     assert cached.vv_tokens.shape == (3, backbone.depth, backbone.n_patches, backbone.width)
     torch.testing.assert_close(cached.vv_tokens, expected, atol=FP16_ATOL, rtol=1e-2)
     standard = backbone.features(items, FeatureRequest.of("standard", layers=layers))
@@ -594,3 +597,19 @@ def test_the_frozen_prefix_is_computed_once_whatever_blocks_a_pass_returns(tmp_p
     assert torch.equal(a, b)
     assert after.misses == before.misses and after.hits == before.hits + len(items)
     assert sum(backbone.encoded_by_request.values()) == len(items)
+
+
+def test_bilinear_and_bicubic_position_resizes_are_different_features(tmp_path: Path) -> None:
+    """AnomalyCLIP resizes the positional embedding bilinearly, open_clip bicubically: both are
+    served, cached apart, and the run's own size ignores the mode (nothing is resized there)."""
+    backbone = new_backbone(tmp_path)
+    items = make_items(2, seed=31)
+    bicubic = backbone.features(items, FeatureRequest.of("standard", input_size=96))
+    bilinear = backbone.features(items, FeatureRequest.of("standard", input_size=96, resize="bilinear"))
+    assert (bicubic.patch_tokens - bilinear.patch_tokens).abs().max() > 1e-3
+    folders = {p.parent.name for p in tmp_path.rglob("config.json")}
+    assert len(folders) == 2
+    native = backbone.resolve(FeatureRequest.of("standard", resize="bilinear"))
+    assert native == backbone.resolve(FeatureRequest.of("standard"))
+    with pytest.raises(BackboneError, match="resize must be one of"):
+        backbone.features(items, FeatureRequest.of("standard", input_size=96, resize="nearest"))

@@ -2,7 +2,7 @@
 
 Stored records carry the metadata (``cell.json`` ``method_meta``); older records without it
 fall back to the registered class, unknown methods to group "other", and paper-only rows to
-the paper's order at the end of group "anomaly".
+their position in the paper's row order within group "anomaly" (or "classifier").
 """
 
 from __future__ import annotations
@@ -176,3 +176,26 @@ def test_cell_json_with_method_meta_round_trips_and_is_used(tmp_path: Path, wide
     code, out, err = bench("table", tmp_path, "--format", "markdown")
     assert code == 0, err
     assert out.index("| later-plugin |") < out.index("| winclip |")
+
+
+def test_our_anomalyclip_sits_in_the_papers_row_and_shows_the_published_numbers() -> None:
+    """A registered paper baseline interleaves with the paper-only rows in the paper's order, and
+    `--compare paper` prints the published AnomalyCLIP numbers right below ours."""
+    cells = [
+        cell(method="anomalyclip", target="busi", tasks=("detect", "localize"), metrics={"image_auroc": 0.7}),
+        cell(method="ultraad", target="busi"),
+    ]
+    (block,) = build_tables(cells, compare="paper")
+    detection = [r.label for r in block.table("detection").rows]
+    assert detection[:6] == [
+        "winclip (zero-shot) [paper only]",
+        "adaclip [paper only]",
+        "anomalyclip",
+        "anomalyclip [paper]",
+        "vcpclip [paper only]",
+        "mvfa [paper only]",
+    ]
+    detection_table = block.table("detection")
+    published = detection_table.data[detection_table.data["row"] == "anomalyclip [paper]"]
+    assert (published["status"] == "ok").any(), "the published AnomalyCLIP numbers are shown"
+    assert set(published.loc[published["status"] == "ok", "text"]) >= {"62.9", "81.9", "85.6"}  # BUSI 4/8/16

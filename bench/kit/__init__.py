@@ -24,7 +24,7 @@ from bench.kit.classifier import COOP_SCHEDULE, FewShotClassifier, common_option
 from bench.kit.clip import Backbone, default_layers
 from bench.kit.losses import dice_loss, focal_loss
 from bench.kit.maps import UPSAMPLE_ORDERS, gaussian_smooth, sigma_at, text_similarity_maps, upsample_grid
-from bench.kit.memory import cache_logits, nearest_distance, one_hot, support_labels
+from bench.kit.memory import cache_logits, nearest_cosine_distance, nearest_distance, one_hot, support_labels
 from bench.kit.options import Option
 from bench.kit.prompts import (
     CLIP_TEMPLATE,
@@ -100,6 +100,7 @@ __all__ = [
     "get_variant",
     "make_generator",
     "names_in_class_order",
+    "nearest_cosine_distance",
     "nearest_distance",
     "one_hot",
     "prediction_from_logits",

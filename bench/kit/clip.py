@@ -102,7 +102,7 @@ class Backbone:
             self._check_layers(layers) if layers is not None else default_layers(self.depth)
         )
         self.input_size = int(visual.image_size[0])
-        self._towers: dict[int, VisionTower] = {}
+        self._towers: dict[tuple[int, str], VisionTower] = {}
         tower = self.tower()
         self.grid, self.n_patches = tower.grid, tower.n_patches
         self.width, self.embed_dim = tower.width, tower.embed_dim
@@ -182,9 +182,9 @@ class Backbone:
             self._caches[key] = cache
         return self._caches[key]
 
-    def describe(self, input_size: int | None = None) -> dict[str, Any]:
+    def describe(self, input_size: int | None = None, resize: str = "bicubic") -> dict[str, Any]:
         """The backbone's identity as a cache configuration (model, weights, preprocessing, sizes)."""
-        tower = self.tower(input_size)
+        tower = self.tower(input_size, resize)
         config: dict[str, Any] = {
             "model": self.model_name,
             "weights": self._weights,
@@ -200,22 +200,26 @@ class Backbone:
         if not tower.native:
             # a resized embedding differs from one the model was built with at that size
             native = "x".join(str(int(v)) for v in self._visual.grid_size)
-            config["positional_embedding"] = f"resized from {native} (bicubic, antialiased)"
+            how = "bicubic, antialiased" if tower.resize == "bicubic" else tower.resize
+            config["positional_embedding"] = f"resized from {native} ({how})"
         return config
 
     def __repr__(self) -> str:
         return f"Backbone({self.identity.label}, layers={self.layers}, device={self.device})"
 
     # -- image side ---------------------------------------------------------------------
-    def tower(self, input_size: int | None = None) -> VisionTower:
-        """The frozen image tower at ``input_size`` (default: the run's); read-only."""
+    def tower(self, input_size: int | None = None, resize: str = "bicubic") -> VisionTower:
+        """The frozen image tower at ``input_size`` (default: the run's); read-only. ``resize``:
+        how the positional embedding is resized when the size is not the model's own."""
         size = self.input_size if input_size is None else int(input_size)
-        if size not in self._towers:
+        if size == self.input_size:
+            resize = "bicubic"  # the model's own embedding: nothing is resized
+        if (size, resize) not in self._towers:
             try:
-                self._towers[size] = VisionTower(self._visual, size)
+                self._towers[(size, resize)] = VisionTower(self._visual, size, resize)
             except ValueError as exc:
                 raise BackboneError(f"{self.model_name}: {exc}") from exc
-        return self._towers[size]
+        return self._towers[(size, resize)]
 
     def preprocessing_for(self, size: int) -> str:
         fmt = ",".join
@@ -248,21 +252,28 @@ class Backbone:
         """``request`` with the run's layers and input size filled in, checked against the model."""
         layers = self.layers if request.layers is None else self._check_layers(request.layers)
         size = self.input_size if request.input_size is None else int(request.input_size)
-        resolved = FeatureRequest(request.variant, layers, size, request.options)
+        resize = "bicubic" if size == self.input_size else request.resize
+        resolved = FeatureRequest(request.variant, layers, size, request.options, resize)
         try:
-            get_variant(request.variant).check(self.tower(size), layers, resolved)
+            get_variant(request.variant).check(self.tower(size, resize), layers, resolved)
         except ValueError as exc:
             raise BackboneError(f"feature request {request}: {exc} ({self.model_name})") from exc
         return resolved
 
+    def tower_for(self, request: FeatureRequest) -> VisionTower:
+        """The tower a request runs on (its grid, width, ...), without computing anything."""
+        resolved = self.resolve(request)
+        return self.tower(resolved.input_size, resolved.resize)
+
     def _cache_for(self, request: FeatureRequest) -> FeatureCache:
         if request not in self._caches:
             variant = get_variant(request.variant)
-            tower = self.tower(request.input_size)
+            tower = self.tower(request.input_size, request.resize)
             assert request.layers is not None
             shapes = variant.fields(tower, request.layers, request)
             length = sum(math.prod(shape) for shape in shapes.values())
-            config = variant.cache_config(self.describe(request.input_size), tower, request.layers, request)
+            base = self.describe(request.input_size, request.resize)
+            config = variant.cache_config(base, tower, request.layers, request)
             folder = self.cache_root / variant.cache_subdir if variant.cache_subdir else self.cache_root
             self._caches[request] = FeatureCache(folder, config, length)
         return self._caches[request]
@@ -272,7 +283,7 @@ class Backbone:
         request = self.resolve(request or FeatureRequest())
         assert request.layers is not None and request.input_size is not None
         variant = get_variant(request.variant)
-        tower = self.tower(request.input_size)
+        tower = self.tower(request.input_size, request.resize)
         shapes = variant.fields(tower, request.layers, request)
         cache = self._cache_for(request)
         items = list(items)
@@ -313,6 +324,10 @@ class Backbone:
         if tokens.shape[-1] != self.width:
             raise ValueError(f"project_tokens expects last dim {self.width}, got {tuple(tokens.shape)}")
         return self.tower().project(tokens)
+
+    def proj(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens @ proj`` WITHOUT ``ln_post`` (AnomalyCLIP's official global image feature)."""
+        return self.tower().proj(tokens)
 
     def ln_post(self, tokens: torch.Tensor) -> torch.Tensor:
         """The image tower's final layer norm (no projection), on tokens of any leading shape."""

@@ -56,9 +56,10 @@ def text_similarity_maps(
     tau: float = 0.07,
     upsample: str = "probabilities",
     align_corners: bool = False,
-    index: int = 1,
+    index: int | None = 1,
 ) -> torch.Tensor:
-    """Per-layer anomaly maps ``softmax(cos(P_l, T) / tau)[index]``, (B, L, H, W).
+    """Per-layer anomaly maps ``softmax(cos(P_l, T) / tau)[index]``, (B, L, H, W) (``index=None``:
+    every class, (B, L, K, H, W)).
 
     ``patch_features`` (B, L, N, D) are the (adapted) patch features; both they and the text
     are L2-normalised here. ``text`` holds the class embeddings in order (normal, abnormal):
@@ -74,13 +75,15 @@ def text_similarity_maps(
     patches = F.normalize(patch_features, dim=-1)
     text = F.normalize(text, dim=-1)
     logits = torch.einsum("blnd,blkd->blkn", patches, text) / float(tau)  # (B, L, K, N)
+    pick = slice(None) if index is None else index
     if size is None:
-        return torch.softmax(logits, dim=2)[:, :, index].reshape(batch, n_layers, *grid)
+        probs = torch.softmax(logits, dim=2)[:, :, pick]
+        return probs.reshape(*probs.shape[:-1], *grid)
     if upsample == "probabilities":
-        probs = torch.softmax(logits, dim=2)[:, :, index]
+        probs = torch.softmax(logits, dim=2)[:, :, pick]
         return upsample_grid(probs, grid, size, align_corners=align_corners)
     up = upsample_grid(logits, grid, size, align_corners=align_corners)  # (B, L, K, H, W)
-    return torch.softmax(up, dim=2)[:, :, index]
+    return torch.softmax(up, dim=2)[:, :, pick]
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:

@@ -6,7 +6,9 @@
 - :func:`one_hot` and :func:`support_labels` (the support set's labels as a tensor, checked to
   hold every class when the method needs them all).
 - :func:`nearest_distance`: ``min over the memory of (1 - cos) / 2`` per query token (WinCLIP+'s
-  association score).
+  association score); :func:`nearest_cosine_distance`: ``min over the memory of (1 - cos)``
+  per query token, with a memory of several reference images and an optional image to leave
+  out (April-GAN's few-shot map).
 """
 
 from __future__ import annotations
@@ -62,3 +64,24 @@ def nearest_distance(queries: torch.Tensor, memory: torch.Tensor, chunk: int = 4
             block = queries[b, start : start + chunk] @ memory.T
             out[b, start : start + chunk] = (1.0 - block.max(dim=-1).values) / 2.0
     return out.clamp_(0.0, 1.0)
+
+
+def nearest_cosine_distance(
+    queries: torch.Tensor, references: torch.Tensor, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``min over every reference token of (1 - cos(q, r))`` per query token (April-GAN's few-shot map).
+
+    ``queries`` (B, N, C); ``references`` (R, M, C): the tokens of R reference images (any
+    scale: both sides are L2-normalised here). ``exclude`` (B,) long: for query ``b`` the
+    reference image ``exclude[b]`` is left out (-1: none), so a support image is never scored
+    against its own tokens. Returns (B, N).
+    """
+    q = F.normalize(queries.float(), dim=-1)
+    r = F.normalize(references.float(), dim=-1)
+    per_reference = torch.stack(
+        [(1.0 - q @ r[i].T).min(dim=-1).values for i in range(r.shape[0])], dim=1
+    )  # (B, R, N)
+    if exclude is not None:
+        left_out = torch.arange(r.shape[0], device=q.device)[None, :] == exclude.to(q.device)[:, None]
+        per_reference = per_reference.masked_fill(left_out[:, :, None], float("inf"))
+    return per_reference.min(dim=1).values

@@ -29,14 +29,18 @@ class FeatureRequest:
     """What frozen features to compute: a forward variant, blocks, input size and options.
 
     ``layers=None`` and ``input_size=None`` mean the run's ``--layers`` and ``--input-size``
-    (the backbone's defaults); layers are 0-based block indices, kept sorted. ``options``
-    are the variant's own settings (hashable; build with :meth:`of`).
+    (the backbone's defaults); layers are 0-based block indices, kept sorted. ``resize`` is
+    how the positional embedding is resized for an input size the model was not built for:
+    ``"bicubic"`` (open_clip's own rule, antialiased; April-GAN) or ``"bilinear"``
+    (AnomalyCLIP's official code). ``options`` are the variant's own settings (hashable;
+    build with :meth:`of`).
     """
 
     variant: str = "standard"
     layers: tuple[int, ...] | None = None
     input_size: int | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    resize: str = "bicubic"
 
     @classmethod
     def of(
@@ -45,6 +49,7 @@ class FeatureRequest:
         *,
         layers: tuple[int, ...] | list[int] | None = None,
         input_size: int | None = None,
+        resize: str = "bicubic",
         **options: Any,
     ) -> FeatureRequest:
         """``FeatureRequest.of("windows", scales=[2, 3], stride=1)``."""
@@ -53,6 +58,7 @@ class FeatureRequest:
             layers=None if layers is None else tuple(sorted(int(i) for i in layers)),
             input_size=None if input_size is None else int(input_size),
             options=tuple(sorted((k, _freeze(v)) for k, v in options.items())),
+            resize=resize,
         )
 
     def option(self, key: str, default: Any = None) -> Any:

@@ -4,8 +4,8 @@
 variants and trainable passes compose its pieces:
 
 - :meth:`VisionTower.embed`: patch embedding (``conv1``), class token, positional embedding
-  (resized on a copy for another input size, as open_clip resizes it when loading:
-  bicubic, antialiased), ``ln_pre``: (B, 1 + N, W);
+  (resized on a copy for another input size: ``"bicubic"`` antialiased as open_clip resizes
+  it when loading, or ``"bilinear"`` as AnomalyCLIP's official code), ``ln_pre``: (B, 1 + N, W);
 - :meth:`VisionTower.run_blocks`: blocks ``start..stop - 1`` with optional residual hooks
   after chosen blocks and learnable tokens inserted before chosen blocks (visual prompts),
   collecting the token stream after chosen blocks; runs under autograd when the caller
@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
+
+#: How a positional embedding may be resized: open_clip's rule, or AnomalyCLIP's.
+RESIZE_MODES = ("bicubic", "bilinear")
 
 #: ``hook(block, tokens) -> tokens``: applied to the stream after ``block`` (in-forward adapters).
 BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -61,8 +64,11 @@ class BlockRun:
 class VisionTower:
     """A frozen open_clip ViT image tower at ``input_size`` (see the module docstring)."""
 
-    def __init__(self, visual: VisionTransformer, input_size: int) -> None:
+    def __init__(self, visual: VisionTransformer, input_size: int, resize: str = "bicubic") -> None:
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"positional embedding resize must be one of {RESIZE_MODES}, got {resize!r}")
         self._visual = visual
+        self.resize = resize
         patch = visual.patch_size if isinstance(visual.patch_size, tuple) else (visual.patch_size,) * 2
         if input_size % patch[0] or input_size % patch[1]:
             raise ValueError(f"input size {input_size} is not a multiple of the patch size {patch}")
@@ -82,9 +88,12 @@ class VisionTower:
         token, grid = pos[:1], pos[1:]
         old = tuple(int(v) for v in visual.grid_size)
         grid = grid.reshape(1, old[0], old[1], -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(
-            grid.float(), size=self.grid, mode="bicubic", antialias=True, align_corners=False
-        )
+        if self.resize == "bicubic":  # open_clip's resize_pos_embed
+            grid = F.interpolate(
+                grid.float(), size=self.grid, mode="bicubic", antialias=True, align_corners=False
+            )
+        else:  # AnomalyCLIP's VisionTransformer.forward
+            grid = F.interpolate(grid.float(), size=self.grid, mode="bilinear", align_corners=False)
         grid = grid.permute(0, 2, 3, 1).reshape(self.n_patches, -1).to(pos.dtype)
         return torch.cat([token, grid], dim=0)
 
@@ -155,6 +164,10 @@ class VisionTower:
     def ln_post(self, tokens: torch.Tensor) -> torch.Tensor:
         """The final layer norm on tokens of any leading shape (no projection)."""
         return self._visual.ln_post(tokens)
+
+    def proj(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens @ proj`` WITHOUT ``ln_post`` (AnomalyCLIP's official global feature)."""
+        return tokens @ self._visual.proj
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """Raw width-W tokens (any leading shape) -> joint space D: ``ln_post(tokens) @ proj``."""

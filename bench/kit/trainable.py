@@ -40,7 +40,8 @@ class TrainablePass:
     """Blocks ``start ..`` of the frozen tower on a cached prefix (see the module docstring).
 
     ``layers`` (default: the run's) are the blocks whose outputs are returned; all must be
-    ``>= start``. ``input_size`` defaults to the run's.
+    ``>= start``. ``input_size`` defaults to the run's; ``resize`` as in
+    :class:`~bench.kit.requests.FeatureRequest`.
     """
 
     def __init__(
@@ -50,15 +51,18 @@ class TrainablePass:
         *,
         layers: Sequence[int] | None = None,
         input_size: int | None = None,
+        resize: str = "bicubic",
     ) -> None:
         self.backbone = backbone
         # the prefix is cached once per (image, block, size), whichever blocks a pass returns
-        self.request = backbone.resolve(FeatureRequest.of("stream", input_size=input_size, block=int(start)))
+        self.request = backbone.resolve(
+            FeatureRequest.of("stream", input_size=input_size, resize=resize, block=int(start))
+        )
         self.start = int(start)
         self.layers: tuple[int, ...] = backbone.resolve(FeatureRequest.of(layers=layers)).layers or ()
         if self.layers[0] < self.start:
             raise ValueError(f"requested blocks {list(self.layers)} start before the trainable block {start}")
-        self.tower = backbone.tower(self.request.input_size)
+        self.tower = backbone.tower(self.request.input_size, self.request.resize)
 
     def prefix(self, items: Sequence[ImageItem]) -> torch.Tensor:
         """The cached frozen stream entering block ``start``: (B, 1 + N, W)."""

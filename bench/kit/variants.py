@@ -22,8 +22,10 @@ Built in:
   the value projection of ``ln_1`` of the ORIGINAL stream entering that block (the official
   dual-path block: its attention always reads the original path, and the new path skips the
   FFN); ``x_vv`` starts as the stream entering block ``start``. Fields: ``embeds`` (D, from
-  the original path), ``vv_tokens`` (L, N, W) after the requested blocks (requested blocks
-  before ``start`` give the original path's tokens, as the official code).
+  the original path), ``cls_token`` (W: the original path's raw class token after the last
+  block, no ``ln_post``), ``vv_tokens`` (L, N, W) after the requested blocks (requested
+  blocks before ``start`` give the original path's tokens, as the official code). One pass
+  through the tower gives both paths.
 - ``stream``: option ``block`` (k): the token stream entering block k, ``tokens`` (1 + N, W):
   the frozen prefix of a trainable pass through blocks k.. (visual prompts, adapters).
 
@@ -289,7 +291,11 @@ class VVAttention(ForwardVariant):
     def fields(
         self, tower: VisionTower, layers: tuple[int, ...], request: FeatureRequest
     ) -> dict[str, tuple[int, ...]]:
-        return {"embeds": (tower.embed_dim,), "vv_tokens": (len(layers), tower.n_patches, tower.width)}
+        return {
+            "embeds": (tower.embed_dim,),
+            "cls_token": (tower.width,),
+            "vv_tokens": (len(layers), tower.n_patches, tower.width),
+        }
 
     def compute(
         self, tower: VisionTower, images: torch.Tensor, layers: tuple[int, ...], request: FeatureRequest
@@ -308,6 +314,7 @@ class VVAttention(ForwardVariant):
                 collected[block] = (vv if vv is not None else x)[:, 1:]
         return {
             "embeds": tower.pool(x).float(),
+            "cls_token": x[:, 0].float(),
             "vv_tokens": torch.stack([collected[i] for i in layers], dim=1).float(),
         }
 

@@ -7,9 +7,11 @@ A method's placement (:class:`~bench.results.MethodMeta`: ``table_group``, ``tab
 2. the registered method class (records written before the metadata was stored);
 3. for a method with results here that is neither: group ``other``, rank 100;
 4. for a method the paper reports that we did not run and that is not registered (a
-   ``[paper only]`` row): the end of group ``anomaly`` (``classifier`` when the paper reports
-   it only in classification tables), in the order of ``results/paper.yaml``; a method only
-   in the paper's ablation section belongs to that section's full method.
+   ``[paper only]`` row): group ``anomaly`` (``classifier`` when the paper reports it only in
+   classification tables), ranked by its position among that group's methods in
+   ``results/paper.yaml`` (the paper's row order, which is also what the registered methods'
+   ranks follow, so paper-only rows interleave with ours as the paper prints them); a method
+   only in the paper's ablation section belongs to that section's full method.
 
 So the placement of a row never depends on whether the paper's numbers are shown.
 
@@ -29,8 +31,8 @@ from bench.types import Task
 
 #: Placement of a method nobody describes (an unregistered method of an older store).
 DEFAULT_META = MethodMeta()
-#: Ranks of unregistered paper methods start here, so they follow the registered ones of their group.
-PAPER_ONLY_RANK = 1000
+#: Ranks of paper methods that belong only to the ablation section start here (after the full method).
+ABLATION_ONLY_RANK = 1000
 
 
 def registered_meta() -> dict[str, MethodMeta]:
@@ -60,8 +62,10 @@ def paper_meta(paper: PaperNumbers, known: Mapping[str, MethodMeta]) -> dict[str
     ablation = paper.tables.get(PAPER_ABLATION_KEY)
     root = paper_ablation_root(paper, known)
     out: dict[str, MethodMeta] = {}
+    position: dict[str, int] = {}  # paper methods seen so far per group
     for index, name in enumerate(order):
-        if name in known:
+        if name in known:  # counts towards the paper's row order of its own group
+            position[known[name].table_group] = position.get(known[name].table_group, 0) + 1
             continue
         tasks = {
             METRIC_TASK[metric]
@@ -73,9 +77,12 @@ def paper_meta(paper: PaperNumbers, known: Mapping[str, MethodMeta]) -> dict[str
         in_ablation = ablation is not None and name in ablation.methods
         if tasks:
             group = "classifier" if tasks <= {Task.CLASSIFY} else "anomaly"
+            rank = position.get(group, 0)
+            position[group] = rank + 1
         else:
             group = known[root].table_group if root in known else DEFAULT_META.table_group
-        out[name] = MethodMeta(group, PAPER_ONLY_RANK + index, root if in_ablation else None)
+            rank = ABLATION_ONLY_RANK + index
+        out[name] = MethodMeta(group, rank, root if in_ablation else None)
     return out
 
 

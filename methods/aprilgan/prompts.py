@@ -1,0 +1,71 @@
+"""April-GAN's published prompt ensemble (``prompt_ensemble.py`` of ByChelsea/VAND-APRIL-GAN).
+
+7 normal and 5 abnormal state phrases (``{}`` = the object name) inside 35 templates, state
+major: sentence = ``template.format(state.format(object))``. All three lists are method
+options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+NORMAL_STATES: tuple[str, ...] = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+)
+
+ABNORMAL_STATES: tuple[str, ...] = (
+    "damaged {}",
+    "broken {}",
+    "{} with flaw",
+    "{} with defect",
+    "{} with damage",
+)
+
+TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.",
+    "a low resolution photo of the {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a bright photo of a {}.",
+    "a dark photo of the {}.",
+    "a photo of my {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a photo of one {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a photo of a large {}.",
+    "a blurry photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a photo of the small {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "a dark photo of a {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
+)
+
+
+def sentences(states: Sequence[str], templates: Sequence[str], obj: str) -> list[str]:
+    """Every state (formatted with the object) inside every template, state-major."""
+    return [template.format(state.format(obj)) for state in states for template in templates]

@@ -25,7 +25,7 @@ from bench.kit.clip import Backbone, default_layers
 from bench.kit.losses import dice_loss, focal_loss
 from bench.kit.maps import UPSAMPLE_ORDERS, gaussian_smooth, sigma_at, text_similarity_maps, upsample_grid
 from bench.kit.memory import cache_logits, nearest_cosine_distance, nearest_distance, one_hot, support_labels
-from bench.kit.options import Option
+from bench.kit.options import Option, adam_options, feature_options, segmentation_loss_options
 from bench.kit.prompts import (
     CLIP_TEMPLATE,
     DEFAULT_CLASS_NAMES,
@@ -85,6 +85,7 @@ __all__ = [
     "Schedule",
     "TrainablePass",
     "VisionTower",
+    "adam_options",
     "augmented_embeds",
     "cache_logits",
     "class_names_option",
@@ -95,6 +96,7 @@ __all__ = [
     "default_layers",
     "dice_loss",
     "epoch_batches",
+    "feature_options",
     "focal_loss",
     "gaussian_smooth",
     "get_variant",
@@ -106,6 +108,7 @@ __all__ = [
     "prediction_from_logits",
     "register_variant",
     "seeded",
+    "segmentation_loss_options",
     "sigma_at",
     "support_labels",
     "templates_option",

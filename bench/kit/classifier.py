@@ -34,6 +34,14 @@ from bench.types import ImageItem, Task
 #: CoOp's published optimisation schedule (Dassl SGD, cosine after a constant warm-up), also
 #: used by CoCoOp and CLIP-Adapter, whose official code runs on CoOp's configs.
 COOP_SCHEDULE: dict[str, Option] = {
+    "epochs": Option(
+        None,
+        int,
+        "training epochs, fixed; null = CoOp's per-shot rule (50 / 100 / 200 for 1 / 2-4 / 8-16 shots)",
+        nullable=True,
+        min=1,
+    ),
+    "batch_size": Option(32, int, "batch size, Dassl sampler and drop-last rule (CoOp configs: 32)", min=1),
     "lr": Option(0.002, float, "SGD learning rate", min=0),
     "momentum": Option(0.9, float, "SGD momentum", min=0),
     "weight_decay": Option(5e-4, float, "SGD weight decay", min=0),

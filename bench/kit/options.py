@@ -194,3 +194,57 @@ def validate(schema: Schema, given: Mapping[str, Any], method: str) -> dict[str,
 def describe(schema: Schema) -> list[str]:
     """One line per option (``name: type = default, constraints: help``)."""
     return [f"{key}: {option.describe()}" for key, option in schema.items()]
+
+
+def feature_options(official: str) -> dict[str, Option]:
+    """``layers`` and ``input_size`` of a method that may run the frozen tower at its own
+    blocks and size (null = the run's ``--layers`` / ``--input-size``); ``official`` says what
+    the official code uses."""
+    return {
+        "layers": Option(
+            None,
+            list,
+            f"0-based blocks whose tokens are used (null = the run's --layers; official: {official})",
+            items=int,
+            nullable=True,
+            nonempty=True,
+        ),
+        "input_size": Option(
+            None,
+            int,
+            "input size (null = the run's --input-size; official: 518 with ViT-L/14@336)",
+            nullable=True,
+            min=16,
+        ),
+    }
+
+
+def adam_options(
+    *, epochs: int, batch_size: int, lr: float, betas: tuple[float, float], source: str
+) -> dict[str, Option]:
+    """A fixed-epoch Adam schedule as options (``source`` names where the defaults come from)."""
+    return {
+        "epochs": Option(epochs, int, f"training epochs, a fixed count ({source}: {epochs})", min=0),
+        "batch_size": Option(batch_size, int, f"training batch size ({source}: {batch_size})", min=1),
+        "lr": Option(lr, float, f"Adam learning rate ({source}: {lr:g})", gt=0),
+        "betas": Option(
+            list(betas),
+            list,
+            f"Adam betas ({source}: {betas[0]:g}, {betas[1]:g})",
+            items=float,
+            length=2,
+            min=0,
+            max=1,
+        ),
+    }
+
+
+def segmentation_loss_options(source: str) -> dict[str, Option]:
+    """Focal + Dice settings of April-GAN's ``loss.py`` (shared by AnomalyCLIP's)."""
+    return {
+        "focal_gamma": Option(2.0, float, f"focal loss gamma ({source}: 2)", min=0),
+        "focal_smooth": Option(
+            1e-5, float, f"focal loss label smoothing ({source} FocalLoss: 1e-5)", min=0, max=0.5
+        ),
+        "dice_smooth": Option(1.0, float, f"Dice smoothing ({source} BinaryDiceLoss: 1)", min=0),
+    }

@@ -37,10 +37,13 @@ from bench.kit import (
     PromptLearner,
     Schedule,
     VisionTower,
+    adam_options,
     dice_loss,
+    feature_options,
     focal_loss,
     gaussian_smooth,
     make_generator,
+    segmentation_loss_options,
     sigma_at,
     text_similarity_maps,
     train,
@@ -63,17 +66,7 @@ class AnomalyCLIP(Method):
     table_group = "anomaly"
     table_rank = 2
     options: ClassVar[dict[str, Option]] = {
-        "layers": Option(
-            None,
-            list,
-            "0-based blocks (null = the run's --layers; official: 6/12/18/24 = 5/11/17/23)",
-            items=int,
-            nullable=True,
-            nonempty=True,
-        ),
-        "input_size": Option(
-            None, int, "input size (null = the run's; official: 518 with ViT-L/14@336)", nullable=True, min=16
-        ),
+        **feature_options("6/12/18/24 = blocks 5/11/17/23"),
         "position_resize": Option(
             "bilinear",
             str,
@@ -112,20 +105,11 @@ class AnomalyCLIP(Method):
         "sigma": Option(
             4.0, float, "Gaussian sigma of the map in px at the input resolution (official: 4)", min=0
         ),
-        "epochs": Option(15, int, "training epochs, fixed (official: 15, last epoch evaluated)", min=0),
-        "batch_size": Option(8, int, "training batch size (official: 8)", min=1),
-        "lr": Option(1e-3, float, "Adam learning rate (official: 1e-3)", gt=0),
-        "betas": Option(
-            [0.5, 0.999], list, "Adam betas (official: 0.5, 0.999)", items=float, length=2, min=0, max=1
-        ),
+        **adam_options(epochs=15, batch_size=8, lr=1e-3, betas=(0.5, 0.999), source="official"),
         "pixel_loss_weight": Option(
             4.0, float, "weight of the pixel losses (official train.py: lam = 4)", min=0
         ),
-        "focal_gamma": Option(2.0, float, "focal loss gamma (official: 2)", min=0),
-        "focal_smooth": Option(
-            1e-5, float, "focal loss label smoothing (official FocalLoss: 1e-5)", min=0, max=0.5
-        ),
-        "dice_smooth": Option(1.0, float, "Dice smoothing (official BinaryDiceLoss: 1)", min=0),
+        **segmentation_loss_options("official, from April-GAN"),
     }
 
     def __init__(self, ctx: MethodContext) -> None:

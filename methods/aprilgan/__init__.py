@@ -35,10 +35,13 @@ from bench.kit import (
     LayerAdapters,
     Option,
     Schedule,
+    adam_options,
     dice_loss,
+    feature_options,
     focal_loss,
     nearest_cosine_distance,
     seeded,
+    segmentation_loss_options,
     text_classifier,
     text_similarity_maps,
     train,
@@ -61,17 +64,7 @@ class AprilGAN(Method):
     table_group = "anomaly"
     table_rank = 5
     options: ClassVar[dict[str, Option]] = {
-        "layers": Option(
-            None,
-            list,
-            "0-based blocks (null = the run's --layers; official: 6/12/18/24 = 5/11/17/23)",
-            items=int,
-            nullable=True,
-            nonempty=True,
-        ),
-        "input_size": Option(
-            None, int, "input size (null = the run's; official: 518 with ViT-L/14@336)", nullable=True, min=16
-        ),
+        **feature_options("6/12/18/24 = blocks 5/11/17/23"),
         "object": Option(
             "breast ultrasound image", str, "object name in every sentence (official: the class name)"
         ),
@@ -95,17 +88,8 @@ class AprilGAN(Method):
             "image score: 0.5 (p + max of the map normalised over the support images' map maxima), or p only",
             choices=SCORE_FUSIONS,
         ),
-        "epochs": Option(15, int, "training epochs, fixed (official: 15 on VisA, 3 on MVTec)", min=0),
-        "batch_size": Option(8, int, "training batch size (official: 8)", min=1),
-        "lr": Option(1e-3, float, "Adam learning rate (official: 1e-3)", gt=0),
-        "betas": Option(
-            [0.5, 0.999], list, "Adam betas (official: 0.5, 0.999)", items=float, length=2, min=0, max=1
-        ),
-        "focal_gamma": Option(2.0, float, "focal loss gamma (official: 2)", min=0),
-        "focal_smooth": Option(
-            1e-5, float, "focal loss label smoothing (official FocalLoss: 1e-5)", min=0, max=0.5
-        ),
-        "dice_smooth": Option(1.0, float, "Dice smoothing (official BinaryDiceLoss: 1)", min=0),
+        **adam_options(epochs=15, batch_size=8, lr=1e-3, betas=(0.5, 0.999), source="official, VisA"),
+        **segmentation_loss_options("official"),
     }
 
     def __init__(self, ctx: MethodContext) -> None:

@@ -72,16 +72,6 @@ class CLIPAdapter(FewShotClassifier):
         "reduction": Option(
             4, int, "adapter bottleneck width = dim // reduction (official Adapter: 4)", min=1
         ),
-        "epochs": Option(
-            None,
-            int,
-            "training epochs, fixed; null = CoOp's per-shot rule (50 / 100 / 200 for 1 / 2-4 / 8-16 shots)",
-            nullable=True,
-            min=1,
-        ),
-        "batch_size": Option(
-            32, int, "batch size, Dassl sampler and drop-last rule (CoOp configs: 32)", min=1
-        ),
         **COOP_SCHEDULE,
     }
 

@@ -70,16 +70,6 @@ class CoOp(FewShotClassifier):
             "end", str, "where the class phrase goes (CoOp's CLASS_TOKEN_POSITION)", choices=POSITIONS
         ),
         "init_std": Option(0.02, float, "std of the random context initialisation (CoOp: 0.02)", min=0),
-        "epochs": Option(
-            None,
-            int,
-            "training epochs, fixed; null = CoOp's per-shot rule (50 / 100 / 200 for 1 / 2-4 / 8-16 shots)",
-            nullable=True,
-            min=1,
-        ),
-        "batch_size": Option(
-            32, int, "batch size, Dassl sampler and drop-last rule (CoOp configs: 32)", min=1
-        ),
         **COOP_SCHEDULE,
     }
     meta_net: ClassVar[bool] = False
@@ -178,6 +168,7 @@ class CoCoOp(CoOp):
             16, int, "meta-net hidden width = image dim // meta_reduction (CoCoOp: 16)", min=1
         ),
         "init_std": CoOp.options["init_std"],
+        **COOP_SCHEDULE,
         "epochs": Option(
             10,
             int,
@@ -188,7 +179,6 @@ class CoCoOp(CoOp):
         "batch_size": Option(
             1, int, "batch size, Dassl sampler and drop-last rule (CoCoOp config: 1)", min=1
         ),
-        **COOP_SCHEDULE,
     }
     meta_net = True
     progress_label = "cocoop epochs"

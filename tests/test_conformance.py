@@ -78,9 +78,15 @@ def query_items() -> list[ImageItem]:
     return random_items(4, seed=12, shape=(40, 48), prefix="test", key_prefix="conformance-test")
 
 
-#: Options the tiny test model needs (its text encoder has 2 blocks; AnomalyCLIP's deep tokens
-#: default to text blocks 1..8 of CLIP's 12).
-TINY_MODEL_OPTIONS = {"anomalyclip": {"deep_depth": 2}}
+#: Options the tiny test model needs (its text encoder has 2 blocks, its image grid 4 x 4 patches;
+#: the official settings assume CLIP's 12 text blocks and 37 x 37 patches).
+TINY_MODEL_OPTIONS = {
+    "anomalyclip": {"deep_depth": 2},
+    # text prompts at text blocks 1..depth-1 of 2; 20 clusters do not fit the tiny model's 16 patches
+    "adaclip": {"prompt_depth": 2, "k_clusters": 3},
+    # the official 50 epochs of 11 augmented views at batch 1 are 3300 steps: the contract needs one epoch
+    "mvfa": {"epochs": 1},
+}
 
 
 def fitted(cls: type[Method], factory, tmp_path: Path, seed: int = 0) -> Method:
@@ -150,14 +156,16 @@ def test_declared_resources_are_honoured(name: str, backbone_factory, tmp_path: 
 
 
 def test_paper_config_method_options_are_valid() -> None:
-    """configs/paper.yaml's method_config names registered methods and passes their schemas
-    (e.g. AnomalyCLIP's and April-GAN's official 518 px input, 37 x 37 patches of ViT-L/14)."""
+    """configs/paper.yaml's method_config names registered methods and passes their schemas: the
+    official input sizes (518 px = 37 x 37 patches of ViT-L/14; MVFA's 240 px = 17 x 17 patches, run
+    at 238 so the grid covers the whole image)."""
     from conftest import REPO_ROOT
 
     from bench.config import load_config
 
     config = load_config(REPO_ROOT / "configs" / "paper.yaml")
-    assert {"anomalyclip", "aprilgan"} <= set(config.method_config)
+    official_grid = {"adaclip": 37, "anomalyclip": 37, "aprilgan": 37, "vcpclip": 37, "mvfa": 17}
+    assert set(config.method_config) == set(official_grid)
     for name, options in config.method_config.items():
         validated = validate(registry.get_method(name).options, options, name)
-        assert validated["input_size"] % 14 == 0 and validated["input_size"] // 14 == 37
+        assert validated["input_size"] % 14 == 0 and validated["input_size"] // 14 == official_grid[name]

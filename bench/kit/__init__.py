@@ -37,6 +37,7 @@ from bench.kit.prompts import (
     names_in_class_order,
     templates_option,
     text_classifier,
+    truncation_is_exact,
 )
 from bench.kit.requests import FeatureRequest, Features
 from bench.kit.tower import AttentionWeights, BlockHook, VisionTower
@@ -115,6 +116,7 @@ __all__ = [
     "text_classifier",
     "text_similarity_maps",
     "train",
+    "truncation_is_exact",
     "upsample_grid",
     "variant_names",
     "view_stats",

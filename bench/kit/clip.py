@@ -31,7 +31,7 @@ Every cache this backbone opens (feature requests, augmented views) is counted i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +373,8 @@ class Backbone:
         *,
         deep_prompts: Mapping[int, torch.Tensor] | None = None,
         deep_start: int = 1,
+        shallow_prompts: torch.Tensor | None = None,
+        final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run the frozen text transformer on (possibly learnable) token embeddings.
 
@@ -380,8 +382,14 @@ class Backbone:
         only locate the pooling (EOT) position as open_clip does. ``deep_prompts[l]`` (P, W) or
         (n, P, W): learnable tokens that REPLACE positions ``deep_start .. deep_start + P - 1`` of
         the stream entering text block ``l`` (l >= 1; AnomalyCLIP's / VCP-CLIP's deep text
-        prompts). Returns (n, D), not normalised; gradients flow to ``embeddings`` and the deep
-        prompts and never into backbone parameters.
+        prompts). ``shallow_prompts`` (P, W) or (n, P, W): tokens INSERTED at those positions of
+        the stream entering block 0, AFTER the positional embedding is added (they carry none;
+        the tokens from ``deep_start`` on move P places right and keep their own positional
+        embeddings); the stream is then cut to the context length (its last tokens dropped) and
+        the pooled EOT position moves with its token (VCP-CLIP's VPT-style text prompts).
+        ``final_norm``: applied to the stream after the last block, before ``ln_final``
+        (VCP-CLIP's trainable ``prompt_norm``). Returns (n, D), not normalised; gradients flow
+        to ``embeddings``, the prompts and ``final_norm``, never into backbone parameters.
         """
         self._require_prompt_learning()
         owner = self._text_owner
@@ -395,6 +403,10 @@ class Backbone:
         transformer = owner.transformer
         cast_dtype = transformer.get_cast_dtype()
         x = embeddings.to(cast_dtype) + owner.positional_embedding[:ctx].to(cast_dtype)
+        token_ids = token_ids.to(x.device)
+        if shallow_prompts is not None:
+            x, token_ids = self._insert_shallow_prompts(x, token_ids, shallow_prompts, deep_start)
+            ctx = x.shape[1]
         attn_mask = owner.attn_mask
         if attn_mask is not None:
             attn_mask = attn_mask[:ctx, :ctx]
@@ -402,16 +414,43 @@ class Backbone:
             x = transformer(x, attn_mask=attn_mask)
         else:
             x = self._deep_text_forward(x, attn_mask, deep_prompts, deep_start)
+        if final_norm is not None:
+            x = final_norm(x)
         x = owner.ln_final(x)
         if owner is self.model:
             pool_type, eos_id = self.model.text_pool_type, getattr(self.model, "text_eos_id", None)
         else:
             pool_type, eos_id = owner.pool_type, getattr(owner, "eos_id", None)
-        x = text_global_pool(x, token_ids.to(x.device), pool_type, eos_token_id=eos_id)
+        x = text_global_pool(x, token_ids, pool_type, eos_token_id=eos_id)
         projection = owner.text_projection
         if projection is not None:
             x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
         return x.float()
+
+    def _insert_shallow_prompts(
+        self, x: torch.Tensor, token_ids: torch.Tensor, prompts: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prompts`` put into the positioned stream ``x`` at ``start`` (see :meth:`encode_embeddings`)."""
+        if prompts.dim() == 2:
+            prompts = prompts.unsqueeze(0).expand(x.shape[0], -1, -1)
+        if prompts.dim() != 3 or prompts.shape[0] != x.shape[0] or prompts.shape[2] != x.shape[2]:
+            raise ValueError(
+                f"shallow prompts must be (P, {x.shape[2]}) or ({x.shape[0]}, P, {x.shape[2]}), "
+                f"got {tuple(prompts.shape)}"
+            )
+        n_prompts = int(prompts.shape[1])
+        length = min(x.shape[1] + n_prompts, self.context_length)
+        if not 1 <= start < x.shape[1]:
+            raise ValueError(f"shallow prompts cannot go at position {start} of a {x.shape[1]}-token text")
+        x = torch.cat([x[:, :start], prompts.to(x.dtype), x[:, start:]], dim=1)[:, :length]
+        pad = token_ids.new_zeros(token_ids.shape[0], n_prompts)
+        moved = torch.cat([token_ids[:, :start], pad, token_ids[:, start:]], dim=1)
+        if bool((moved.argmax(dim=-1) >= length).any()):
+            raise ValueError(
+                f"{n_prompts} shallow prompt token(s) push the end-of-text token past the context "
+                f"length {length}"
+            )
+        return x, moved[:, :length]
 
     def _deep_text_forward(
         self,

@@ -151,7 +151,7 @@ def _eot_index(ids: torch.Tensor) -> torch.Tensor:
     return ids.argmax(dim=-1)
 
 
-def _truncation_is_exact(backbone: Backbone) -> bool:
+def truncation_is_exact(backbone: Backbone) -> bool:
     """True when the text tower is causal and pools the EOT (argmax) token, as CLIP."""
     model = backbone.model
     text = getattr(model, "text", None)
@@ -246,7 +246,7 @@ class PromptLearner(nn.Module):
         eot = _eot_index(ids)
         if int(eot.max()) >= ids.shape[1] - 1:
             raise ValueError(f"a prompt is longer than the context length {ids.shape[1]}: {prompts}")
-        self.truncated = bool(truncate) and _truncation_is_exact(backbone)
+        self.truncated = bool(truncate) and truncation_is_exact(backbone)
         length = int(eot.max()) + 1 if self.truncated else ids.shape[1]
         ids = ids[:, :length]
         embedding = backbone.token_embeddings(ids).detach()

@@ -24,11 +24,13 @@ import methods.aprilgan as aprilgan_module
 from bench.errors import MethodError
 from bench.kit import LayerAdapters, focal_loss, nearest_cosine_distance
 from bench.kit.clip import Backbone
+from bench.kit.ensembles import VAND_ABNORMAL_STATES as ABNORMAL_STATES
+from bench.kit.ensembles import VAND_NORMAL_STATES as NORMAL_STATES
+from bench.kit.ensembles import VAND_TEMPLATES as TEMPLATES
 from bench.method import MethodContext, SupportSet
 from bench.types import ImageItem
 from bench.weights import BackboneSpec, load_backbone
 from methods.aprilgan import AprilGAN
-from methods.aprilgan.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES
 
 EVAL = 32
 

@@ -25,10 +25,12 @@ from sklearn.metrics import roc_auc_score
 from bench.errors import MethodError
 from bench.kit import FeatureRequest
 from bench.kit.clip import Backbone
+from bench.kit.ensembles import VAND_ABNORMAL_STATES as ABNORMAL_STATES
+from bench.kit.ensembles import VAND_NORMAL_STATES as NORMAL_STATES
+from bench.kit.ensembles import VAND_TEMPLATES as TEMPLATES
 from bench.method import MethodContext, SupportSet
 from bench.types import ImageItem
 from bench.weights import BackboneSpec, load_backbone
-from methods.aprilgan.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES
 from methods.mvfa import MVFA
 from methods.mvfa.adapters import ImplantedAdapters
 from methods.mvfa.views import ViewTransform, official_views, render_view, view_item, view_masks

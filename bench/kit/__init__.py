@@ -10,7 +10,8 @@ else of the harness. Modules:
   ``stream``, plugins' own) and the read-only image tower they run on;
 - :mod:`~bench.kit.trainable`: passes through the frozen tower under autograd (visual
   prompts, in-forward adapters) on a cached frozen prefix;
-- :mod:`~bench.kit.prompts`: hand-written text classifiers, learnable prompt contexts;
+- :mod:`~bench.kit.prompts`, :mod:`~bench.kit.ensembles`: hand-written text classifiers, learnable
+  prompt contexts, the published April-GAN / MVFA prompt ensemble;
 - :mod:`~bench.kit.adapters`, :mod:`~bench.kit.maps`, :mod:`~bench.kit.losses`,
   :mod:`~bench.kit.memory`, :mod:`~bench.kit.views`: trainable blocks, anomaly maps,
   segmentation losses, memory/cache models, augmented views;
@@ -22,6 +23,7 @@ else of the harness. Modules:
 from bench.kit.adapters import LayerAdapters, MetaNet, PrototypeCrossAttention
 from bench.kit.classifier import COOP_SCHEDULE, FewShotClassifier, common_options, prediction_from_logits
 from bench.kit.clip import Backbone, default_layers
+from bench.kit.ensembles import VAND_ABNORMAL_STATES, VAND_NORMAL_STATES, VAND_TEMPLATES, state_sentences
 from bench.kit.losses import dice_loss, focal_loss
 from bench.kit.maps import UPSAMPLE_ORDERS, gaussian_smooth, sigma_at, text_similarity_maps, upsample_grid
 from bench.kit.memory import cache_logits, nearest_cosine_distance, nearest_distance, one_hot, support_labels
@@ -69,6 +71,9 @@ __all__ = [
     "DEFAULT_TEMPLATES",
     "POSITIONS",
     "UPSAMPLE_ORDERS",
+    "VAND_ABNORMAL_STATES",
+    "VAND_NORMAL_STATES",
+    "VAND_TEMPLATES",
     "AttentionWeights",
     "Augmentation",
     "Backbone",
@@ -111,6 +116,7 @@ __all__ = [
     "seeded",
     "segmentation_loss_options",
     "sigma_at",
+    "state_sentences",
     "support_labels",
     "templates_option",
     "text_classifier",

@@ -47,9 +47,12 @@ from bench.kit import (
     train,
     upsample_grid,
 )
+from bench.kit.ensembles import VAND_ABNORMAL_STATES as ABNORMAL_STATES
+from bench.kit.ensembles import VAND_NORMAL_STATES as NORMAL_STATES
+from bench.kit.ensembles import VAND_TEMPLATES as TEMPLATES
+from bench.kit.ensembles import state_sentences as sentences
 from bench.method import Method, MethodContext, Prediction, SupportSet
 from bench.types import ImageItem, Task
-from methods.aprilgan.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, sentences
 
 #: How the image score uses the map: the official fusion with a support-normalised maximum, or not.
 SCORE_FUSIONS = ("support-minmax", "probability")

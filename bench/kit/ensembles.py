@@ -1,15 +1,16 @@
-"""April-GAN's published prompt ensemble (``prompt_ensemble.py`` of ByChelsea/VAND-APRIL-GAN).
+"""The published state x template prompt ensemble of April-GAN (``prompt_ensemble.py`` of
+ByChelsea/VAND-APRIL-GAN), which MVFA's ``utils.py`` uses unchanged.
 
 7 normal and 5 abnormal state phrases (``{}`` = the object name) inside 35 templates, state
-major: sentence = ``template.format(state.format(object))``. All three lists are method
-options.
+major: sentence = ``template.format(state.format(object))``. Methods expose all three lists
+as options.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-NORMAL_STATES: tuple[str, ...] = (
+VAND_NORMAL_STATES: tuple[str, ...] = (
     "{}",
     "flawless {}",
     "perfect {}",
@@ -19,7 +20,7 @@ NORMAL_STATES: tuple[str, ...] = (
     "{} without damage",
 )
 
-ABNORMAL_STATES: tuple[str, ...] = (
+VAND_ABNORMAL_STATES: tuple[str, ...] = (
     "damaged {}",
     "broken {}",
     "{} with flaw",
@@ -27,7 +28,7 @@ ABNORMAL_STATES: tuple[str, ...] = (
     "{} with damage",
 )
 
-TEMPLATES: tuple[str, ...] = (
+VAND_TEMPLATES: tuple[str, ...] = (
     "a bad photo of a {}.",
     "a low resolution photo of the {}.",
     "a bad photo of the {}.",
@@ -66,6 +67,6 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-def sentences(states: Sequence[str], templates: Sequence[str], obj: str) -> list[str]:
+def state_sentences(states: Sequence[str], templates: Sequence[str], obj: str) -> list[str]:
     """Every state (formatted with the object) inside every template, state-major."""
     return [template.format(state.format(obj)) for state in states for template in templates]

@@ -21,7 +21,7 @@ from PIL import Image
 from rich.console import Console
 
 from bench.config import RunConfig, load_config
-from bench.method import Method
+from bench.method import Method, SupportSet
 from bench.types import ImageItem
 
 #: Synthetic image size (width, height): small and not square, to exercise the squash.
@@ -366,3 +366,30 @@ def table_rows(text: str) -> dict[str, list[str]]:
 requires_shared_datasets = pytest.mark.skipif(
     not SHARED_DATASETS.is_dir(), reason=f"real datasets not found at {SHARED_DATASETS}"
 )
+
+
+def lesion_support(shots: int, seed: int, tag: str, size: int, key_prefix: str) -> SupportSet:
+    """``shots`` images per class (as tests/test_ultraad.py): normal speckle; benign a bright disc,
+    malignant a dark disc, with the disc's mask at ``size``."""
+    rng = np.random.default_rng(seed)
+    items, labels, masks = [], [], []
+    yy, xx = np.mgrid[:64, :64] + 0.5
+    ys, xs = (np.mgrid[:size, :size] + 0.5) * 64 / size
+    for c in range(3):
+        for i in range(shots):
+            image = rng.integers(70, 130, size=(64, 64), dtype=np.uint8)
+            mask = np.zeros((size, size), np.float32)
+            if c > 0:
+                cy, cx = rng.uniform(18, 46, 2)
+                r = rng.uniform(9, 14)
+                image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 235 if c == 1 else 10
+                mask = ((ys - cy) ** 2 + (xs - cx) ** 2 <= r * r).astype(np.float32)
+            rgb = np.repeat(image[:, :, None], 3, axis=2)
+            items.append(
+                ImageItem(
+                    id=f"{tag}-{c}-{i}", key=f"{key_prefix}-{tag}-{seed}-{c}-{i}", loader=lambda a=rgb: a
+                )
+            )
+            labels.append(c)
+            masks.append(mask)
+    return SupportSet(tuple(items), np.array(labels), np.stack(masks))

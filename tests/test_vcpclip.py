@@ -18,14 +18,13 @@ import pytest
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, lesion_support
 from sklearn.metrics import roc_auc_score
 
 from bench.errors import MethodError
 from bench.kit import FeatureRequest, seeded
 from bench.kit.clip import Backbone
 from bench.method import MethodContext, SupportSet
-from bench.types import ImageItem
 from bench.weights import BackboneSpec, load_backbone
 from methods.vcpclip import VCPCLIP, ContextPrompting, PostVCP, VCPModel, top_k_mean
 from methods.vcpclip.modules import match_width
@@ -54,28 +53,8 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
 
 
 def lesion_task(shots: int, seed: int, tag: str, size: int = EVAL) -> SupportSet:
-    """``shots`` images per class (as tests/test_anomalyclip.py): normal speckle; benign a bright disc,
-    malignant a dark disc, with the disc's mask at ``size``."""
-    rng = np.random.default_rng(seed)
-    items, labels, masks = [], [], []
-    yy, xx = np.mgrid[:64, :64] + 0.5
-    ys, xs = (np.mgrid[:size, :size] + 0.5) * 64 / size
-    for c in range(3):
-        for i in range(shots):
-            image = rng.integers(70, 130, size=(64, 64), dtype=np.uint8)
-            mask = np.zeros((size, size), np.float32)
-            if c > 0:
-                cy, cx = rng.uniform(18, 46, 2)
-                r = rng.uniform(9, 14)
-                image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 235 if c == 1 else 10
-                mask = ((ys - cy) ** 2 + (xs - cx) ** 2 <= r * r).astype(np.float32)
-            rgb = np.repeat(image[:, :, None], 3, axis=2)
-            items.append(
-                ImageItem(id=f"{tag}-{c}-{i}", key=f"vcp-{tag}-{seed}-{c}-{i}", loader=lambda a=rgb: a)
-            )
-            labels.append(c)
-            masks.append(mask)
-    return SupportSet(tuple(items), np.array(labels), np.stack(masks))
+    """The shared synthetic lesion task (tests/conftest.py ``lesion_support``) with this file's keys."""
+    return lesion_support(shots, seed, tag, size, key_prefix="vcp")
 
 
 def make(backbone: Backbone, seed: int = 0, **config: Any) -> VCPCLIP:

@@ -9,6 +9,14 @@ as options.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from bench.kit.prompts import text_classifier
+
+if TYPE_CHECKING:
+    from bench.kit.clip import Backbone
 
 VAND_NORMAL_STATES: tuple[str, ...] = (
     "{}",
@@ -70,3 +78,17 @@ VAND_TEMPLATES: tuple[str, ...] = (
 def state_sentences(states: Sequence[str], templates: Sequence[str], obj: str) -> list[str]:
     """Every state (formatted with the object) inside every template, state-major."""
     return [template.format(state.format(obj)) for state in states for template in templates]
+
+
+def state_classifier(
+    backbone: Backbone,
+    normal_states: Sequence[str],
+    abnormal_states: Sequence[str],
+    templates: Sequence[str],
+    obj: str,
+) -> torch.Tensor:
+    """(2, D) normalised [normal, abnormal] class embeddings of a state x template ensemble
+    (each class the normalised mean of its normalised sentence embeddings; April-GAN, MVFA).
+    A sentence longer than the text context raises ``ValueError``."""
+    prompts = [state_sentences(states, templates, obj) for states in (normal_states, abnormal_states)]
+    return text_classifier(backbone, prompts)

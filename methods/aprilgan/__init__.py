@@ -42,7 +42,6 @@ from bench.kit import (
     nearest_cosine_distance,
     seeded,
     segmentation_loss_options,
-    text_classifier,
     text_similarity_maps,
     train,
     upsample_grid,
@@ -50,7 +49,7 @@ from bench.kit import (
 from bench.kit.ensembles import VAND_ABNORMAL_STATES as ABNORMAL_STATES
 from bench.kit.ensembles import VAND_NORMAL_STATES as NORMAL_STATES
 from bench.kit.ensembles import VAND_TEMPLATES as TEMPLATES
-from bench.kit.ensembles import state_sentences as sentences
+from bench.kit.ensembles import state_classifier
 from bench.method import Method, MethodContext, Prediction, SupportSet
 from bench.types import ImageItem, Task
 
@@ -130,12 +129,14 @@ class AprilGAN(Method):
         """(2, D) normalised [normal, abnormal] class embeddings."""
         if self._text is None:
             cfg = self.config
-            prompts = [
-                sentences(states, cfg["templates"], cfg["object"])
-                for states in (cfg["normal_states"], cfg["abnormal_states"])
-            ]
             try:
-                self._text = text_classifier(self.ctx.backbone, prompts)
+                self._text = state_classifier(
+                    self.ctx.backbone,
+                    cfg["normal_states"],
+                    cfg["abnormal_states"],
+                    cfg["templates"],
+                    cfg["object"],
+                )
             except ValueError as exc:
                 raise MethodError(f"method {self.name!r}: {exc}") from exc
         return self._text

@@ -44,7 +44,6 @@ from bench.kit import (
     nearest_cosine_distance,
     seeded,
     segmentation_loss_options,
-    text_classifier,
     text_similarity_maps,
     train,
     upsample_grid,
@@ -52,7 +51,7 @@ from bench.kit import (
 from bench.kit.ensembles import VAND_ABNORMAL_STATES as ABNORMAL_STATES
 from bench.kit.ensembles import VAND_NORMAL_STATES as NORMAL_STATES
 from bench.kit.ensembles import VAND_TEMPLATES as TEMPLATES
-from bench.kit.ensembles import state_sentences as sentences
+from bench.kit.ensembles import state_classifier
 from bench.method import Method, MethodContext, Prediction, SupportSet
 from bench.types import ImageItem, Task
 from methods.mvfa.adapters import ImplantedAdapters
@@ -212,12 +211,14 @@ class MVFA(Method):
         """(2, D) normalised [normal, abnormal] class embeddings (the official prompt ensemble)."""
         if self._text is None:
             cfg = self.config
-            prompts = [
-                sentences(states, cfg["templates"], cfg["object"])
-                for states in (cfg["normal_states"], cfg["abnormal_states"])
-            ]
             try:
-                self._text = text_classifier(self.ctx.backbone, prompts)
+                self._text = state_classifier(
+                    self.ctx.backbone,
+                    cfg["normal_states"],
+                    cfg["abnormal_states"],
+                    cfg["templates"],
+                    cfg["object"],
+                )
             except ValueError as exc:
                 raise MethodError(f"method {self.name!r}: {exc}") from exc
         return self._text

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bench.cli_support import console, err_console, friendly_errors
 from bench.errors import BenchError
 
 app = typer.Typer(
@@ -21,28 +20,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _friendly_errors(func: F) -> F:
-    """Print a user-fixable error as one clear message (no traceback) and exit with status 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except BenchError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(code=2) from exc
-
-    return wrapper  # type: ignore[return-value]
 
 
 @app.command()
-@_friendly_errors
+@friendly_errors
 def run(
     methods: Annotated[
         str | None, typer.Option(help="'all' or a comma-separated list of method names")
@@ -80,6 +61,9 @@ def run(
     save_maps: Annotated[
         bool | None, typer.Option("--save-maps/--no-save-maps", help="store pixel maps")
     ] = None,
+    maps_dtype: Annotated[
+        str | None, typer.Option(help="dtype of saved maps: float32 (exact) or float16 (half the disk)")
+    ] = None,
     shard: Annotated[
         str | None, typer.Option(help="run only slice I/N of the grid (e.g. for a SLURM array)")
     ] = None,
@@ -110,6 +94,7 @@ def run(
         batch_size=batch_size,
         cache_dir=cache_dir,
         save_maps=save_maps,
+        maps_dtype=maps_dtype,
         shard=shard,
     )
     summary = run_grid(cfg, console=err_console, show_progress=progress)
@@ -123,7 +108,7 @@ def run(
 
 
 @app.command("table")
-@_friendly_errors
+@friendly_errors
 def table_command(
     results_dir: Annotated[
         Path, typer.Argument(help="a results folder (any depth: runs and shards are merged)")
@@ -138,9 +123,37 @@ def table_command(
     paper_yaml: Annotated[
         Path | None, typer.Option(help="paper numbers file (default results/paper.yaml)")
     ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option(help="break every metric down by an images.csv column (device, birads, dataset, ...)"),
+    ] = None,
+    ci: Annotated[
+        bool, typer.Option("--ci", help="add 95% stratified-bootstrap confidence intervals over test images")
+    ] = False,
+    ci_resamples: Annotated[int, typer.Option(help="bootstrap resamples for --ci", min=10)] = 1000,
+    ci_seed: Annotated[int, typer.Option(help="seed of the bootstrap draws for --ci", min=0)] = 0,
+    ci_level: Annotated[float, typer.Option(help="confidence level for --ci", min=0.5, max=0.999)] = 0.95,
 ) -> None:
     """Print the paper's three tables (detection, classification, localization) from stored results."""
-    _print_tables(results_dir, format, compare, paper_target or [], ablation, paper_yaml)
+    _print_tables(
+        results_dir,
+        format,
+        compare,
+        paper_target or [],
+        ablation,
+        paper_yaml,
+        by=by,
+        ci=CiOptions(ci_resamples, ci_seed, ci_level) if ci else None,
+    )
+
+
+@dataclass(frozen=True)
+class CiOptions:
+    """How ``bench table --ci`` draws its bootstrap."""
+
+    n_resamples: int
+    seed: int
+    level: float
 
 
 def _print_tables(
@@ -150,6 +163,9 @@ def _print_tables(
     pairs: list[str],
     ablation: bool,
     paper_yaml: Path | None,
+    *,
+    by: str | None = None,
+    ci: CiOptions | None = None,
 ) -> None:
     from bench.results import load_cells
     from bench.tables import render_tables
@@ -169,6 +185,21 @@ def _print_tables(
     cells = load_cells(Path(results_dir))
     if not cells:
         raise BenchError(f"no finished cells under {results_dir}; run `bench run --out {results_dir}` first")
+    intervals = None
+    if by is not None or ci is not None:
+        from bench.breakdown import subgroup_evaluations, whole_evaluations
+
+        notes: list[str] = []
+        if by is not None:
+            evaluations, notes = subgroup_evaluations(cells, by)
+        else:
+            evaluations = whole_evaluations(cells)
+        cells = [e.record for e in evaluations]
+        if ci is not None:
+            intervals, ci_notes = _intervals(evaluations, ci)
+            notes += ci_notes
+        for note in notes:
+            err_console.print(f"note: {escape(note)}", highlight=False)
     text = render_tables(
         cells,
         fmt=fmt,
@@ -177,13 +208,185 @@ def _print_tables(
         paper_targets=mapping or None,
         paper_yaml=paper_yaml,
         console=console if fmt == "rich" else None,
+        intervals=intervals,
     )
     if fmt != "rich" and text:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
+def _intervals(evaluations: list[Any], ci: CiOptions) -> tuple[Any, list[str]]:
+    """Bootstrap intervals of every table cell, with a progress bar on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from bench.intervals import table_intervals
+    from bench.tables import IntervalSpec
+
+    with Progress(
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        "ETA",
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+
+        def track(items: Any, description: str, total: int) -> Any:
+            return progress.track(items, total=total, description=f"bootstrap {description}")
+
+        result = table_intervals(evaluations, ci.n_resamples, ci.seed, ci.level, progress=track)
+    values = {key: (iv.low, iv.high) for key, iv in result.intervals.items()}
+    return IntervalSpec(values, ci.level, ci.n_resamples, ci.seed), result.notes
+
+
+@app.command("compare")
+@friendly_errors
+def compare_command(
+    results_dir: Annotated[Path, typer.Argument(help="a results folder (one run, or its shards)")],
+    method_a: Annotated[str, typer.Argument(help="first method (differences are A minus B)")],
+    method_b: Annotated[str, typer.Argument(help="second method")],
+    target: Annotated[
+        list[str] | None, typer.Option(help="only this target (repeatable; default: every shared one)")
+    ] = None,
+    shots: Annotated[str | None, typer.Option(help="only these shots, e.g. 4,16")] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(help="image_auroc, class_auroc, pixel_auroc, pixel_ap (repeatable; default: all)"),
+    ] = None,
+    resamples: Annotated[int, typer.Option(help="bootstrap resamples", min=10)] = 1000,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap draws", min=0)] = 0,
+    level: Annotated[
+        float, typer.Option(help="confidence level of the intervals", min=0.5, max=0.999)
+    ] = 0.95,
+    format: Annotated[str, typer.Option("--format", "-f", help="rich or csv")] = "rich",
+) -> None:
+    """Paired comparison of two methods on the same test images: DeLong's test for I-AUROC,
+    paired stratified bootstrap for the other metrics and for the mean over seeds."""
+    from bench.compare import compare_methods
+    from bench.intervals import CI_METRICS
+    from bench.results import load_cells
+
+    if format not in ("rich", "csv"):
+        raise BenchError(f"unknown --format {format!r}; use rich or csv")
+    for name in metric or []:
+        if name not in CI_METRICS:
+            raise BenchError(f"unknown --metric {name!r}; choose from {', '.join(CI_METRICS)}")
+    shot_list = None
+    if shots is not None:
+        try:
+            shot_list = [int(x) for x in shots.split(",") if x.strip()]
+        except ValueError as exc:
+            raise BenchError(f"--shots must be integers separated by commas, got {shots!r}") from exc
+    cells = load_cells(results_dir)
+    lines = compare_methods(
+        cells,
+        method_a,
+        method_b,
+        targets=target or None,
+        shots=shot_list,
+        metrics=tuple(metric) if metric else CI_METRICS,
+        n_resamples=resamples,
+        seed=seed,
+        level=level,
+    )
+    weights = {c.backbone for c in cells if c.method in (method_a, method_b)}
+    random_init = any(w.random_init for w in weights)
+    header = [
+        "target",
+        "shots",
+        "seed",
+        "metric",
+        method_a,
+        method_b,
+        "A - B",
+        f"{100 * level:g}% CI",
+        "p",
+        "test",
+    ]
+    rows = [
+        [
+            line.target,
+            "zero-shot" if line.shots == 0 else str(line.shots),
+            "mean" if line.seed is None else str(line.seed),
+            line.metric,
+            f"{100 * line.value_a:.1f}",
+            f"{100 * line.value_b:.1f}",
+            f"{100 * line.difference:+.1f}",
+            f"[{100 * line.low:+.1f}, {100 * line.high:+.1f}]",
+            f"{line.p_value:.3g}",
+            line.test,
+        ]
+        for line in lines
+    ]
+    if format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(
+            [
+                *header[:4],
+                "value_a",
+                "value_b",
+                "difference",
+                "low",
+                "high",
+                "p_value",
+                "test",
+                "n_images",
+                "random_init",
+            ]
+        )
+        for line in lines:
+            writer.writerow(
+                [
+                    line.target,
+                    line.shots,
+                    "" if line.seed is None else line.seed,
+                    line.metric,
+                    repr(line.value_a),
+                    repr(line.value_b),
+                    repr(line.difference),
+                    repr(line.low),
+                    repr(line.high),
+                    repr(line.p_value),
+                    line.test,
+                    line.n_images,
+                    random_init,
+                ]
+            )
+        return
+    from rich.text import Text
+
+    title = f"{method_a} vs {method_b} (values in %, differences A - B; {resamples} bootstrap resamples)"
+    table = Table(
+        title=Text(title),
+        caption=Text(
+            "seed 'mean' = the tables' mean over seeds, compared by a paired bootstrap in which each "
+            "resample "
+            "scores every seed of both methods on the same images; per-seed I-AUROC uses DeLong's test "
+            "(normal-approximation interval)."
+        ),
+        caption_justify="left",
+    )
+    for name in header:
+        table.add_column(
+            Text(name), no_wrap=True, justify="right" if name not in ("target", "metric", "test") else "left"
+        )
+    for row in rows:
+        table.add_row(*[Text(v) for v in row])
+    if random_init:
+        console.print(
+            Text(
+                "WARNING: random-init weights: the backbone is NOT pretrained; these numbers are meaningless "
+                "for CLIP methods (a smoke test of the pipeline only).",
+                style="bold red",
+            )
+        )
+    console.print(table)
+
+
 @app.command("methods")
-@_friendly_errors
+@friendly_errors
 def methods_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also list each method's options")] = False,
 ) -> None:
@@ -212,7 +415,7 @@ def methods_command(
 
 
 @app.command("datasets")
-@_friendly_errors
+@friendly_errors
 def datasets_command(
     dataset: Annotated[
         str | None, typer.Argument(help="a named set or a path; omit to list the named sets")
@@ -220,16 +423,22 @@ def datasets_command(
     data_root: Annotated[
         str | None, typer.Option(help="folder holding the named datasets [env BENCH_DATA_ROOT]")
     ] = None,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="decode every image and mask (truncated files, lesions on normals)")
+    ] = False,
+    by: Annotated[
+        str | None, typer.Option(help="also count images per class for each value of a metadata column")
+    ] = None,
 ) -> None:
-    """Describe a dataset: counts per class, masks present, size range and problems found."""
+    """Describe a dataset: counts per class (and per device), masks present, size range, problems."""
     from bench.data import NAMED_DATASETS, dataset_names, default_data_root, describe_dataset, resolve_dataset
 
     root = Path(data_root) if data_root else default_data_root()
     if dataset is None:
         table = Table(title=escape(f"named datasets under {root}"))
-        table.add_column("name", style="bold")
-        table.add_column("expected path")
-        table.add_column("present")
+        table.add_column("name", style="bold", no_wrap=True)
+        table.add_column("expected path", overflow="fold")
+        table.add_column("present", no_wrap=True)
         for key, rel in NAMED_DATASETS.items():
             table.add_row(key, escape(str(root / rel)), "yes" if (root / rel).exists() else "no")
         for key in dataset_names():
@@ -238,19 +447,46 @@ def datasets_command(
         console.print(table)
         console.print("Describe one with `bench datasets NAME` (or a path to a manifest or folder).")
         return
-    summary = describe_dataset(resolve_dataset(dataset, root))
+    data = resolve_dataset(dataset, root)
+    summary = describe_dataset(data)
     table = Table(title=escape(f"{summary.name} ({summary.root})"))
-    table.add_column("quantity", style="bold")
-    table.add_column("value")
+    table.add_column("quantity", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
     for key, value in summary.rows():
         table.add_row(escape(str(key)), escape(str(value)))
     console.print(table)
-    if summary.problems:
+    if by is not None:
+        from bench.data.summary import metadata_count_header, metadata_count_rows, metadata_counts
+
+        counts = Table(title=escape(f"{summary.name}: images per class and {by}"))
+        for i, heading in enumerate(metadata_count_header(by)):
+            counts.add_column(escape(heading), justify="left" if i == 0 else "right", overflow="fold")
+        for row in metadata_count_rows(metadata_counts(data, by)):
+            counts.add_row(*(escape(cell) for cell in row))
+        console.print(counts)
+    problems = list(summary.problems)
+    if deep:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        from bench.data.checks import deep_check
+
+        with Progress(
+            "{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            "ETA",
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("decoding every image and mask", total=len(data.samples))
+            problems += deep_check(data, progress=lambda: progress.advance(task))
+    if problems:
         console.print("[bold yellow]problems found:[/]")
-        for problem in summary.problems:
-            console.print(f"  - {escape(problem)}", highlight=False)
+        for problem in problems:
+            console.print(f"  - {escape(problem)}", highlight=False, soft_wrap=True)
     else:
-        console.print("no problems found")
+        console.print("no problems found" + (" (every image and mask decoded)" if deep else ""))
 
 
 phantom_app = typer.Typer(
@@ -260,7 +496,7 @@ app.add_typer(phantom_app, name="phantom")
 
 
 @phantom_app.command("devices")
-@_friendly_errors
+@friendly_errors
 def phantom_devices() -> None:
     """List the simulated ultrasound devices and their acquisition settings."""
     from bench.phantom import DEVICES
@@ -284,7 +520,7 @@ def phantom_devices() -> None:
 
 
 @phantom_app.command("export")
-@_friendly_errors
+@friendly_errors
 def phantom_export(
     out_dir: Annotated[
         Path, typer.Argument(help="new (or empty) folder to write the BUSI-layout dataset into")

@@ -28,6 +28,10 @@ from bench.errors import ConfigError
 
 #: Side length of the square evaluation resolution: every map and mask is compared here.
 DEFAULT_EVAL_SIZE = 256
+#: Largest support-sampling seed (numpy seeds are 32-bit).
+MAX_SEED = 2**32 - 1
+#: The dtypes ``--save-maps`` can store maps in.
+MAPS_DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -58,6 +62,9 @@ class RunConfig:
     batch_size: int = 32
     cache_dir: str | None = None
     save_maps: bool = False
+    # float32 keeps exactly what the pixel metrics were computed from (subgroup tables and
+    # intervals then reproduce them); float16 halves the disk and rounds the maps.
+    maps_dtype: str = "float32"
     shard: str = "1/1"
     method_config: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -71,6 +78,13 @@ class RunConfig:
             raise ConfigError("no target datasets given; use --targets NAME[,NAME...]")
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive integers, got {self.shots}")
+        bad_seeds = [s for s in self.seeds if not 0 <= s <= MAX_SEED]
+        if bad_seeds:
+            raise ConfigError(
+                f"seeds must lie in 0..{MAX_SEED} (numpy's seed range), got {', '.join(map(str, bad_seeds))}"
+            )
+        if self.name is not None:
+            check_run_name(self.name)
         for key in ("methods", "shots", "seeds", "targets"):
             values = getattr(self, key)
             repeated = sorted({str(v) for v in values if values.count(v) > 1})
@@ -83,6 +97,8 @@ class RunConfig:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         shard_index(self.shard)
+        if self.maps_dtype not in MAPS_DTYPES:
+            raise ConfigError(f"maps_dtype must be one of {', '.join(MAPS_DTYPES)}, got {self.maps_dtype!r}")
         if not isinstance(self.method_config, dict) or not all(
             isinstance(v, dict) for v in self.method_config.values()
         ):
@@ -90,6 +106,20 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one plain folder name inside ``--out``: it can never point elsewhere."""
+    if (
+        not name.strip()
+        or name in (".", "..")
+        or any(sep in name for sep in ("/", "\\", "\0"))
+        or Path(name).is_absolute()
+    ):
+        raise ConfigError(
+            f"--name must be a plain folder name inside --out (no '/', '\\', '..' or absolute path), "
+            f"got {name!r}; use --out to choose where results go"
+        )
 
 
 def slug(text: str) -> str:
@@ -146,7 +176,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     for name, kind in _LIST_FIELDS.items():
         if name in values:
             values[name] = parse_list(values[name], kind)
-    for name in ("source", "backbone", "pretrained", "data_root", "out", "device", "shard"):
+    for name in ("source", "backbone", "pretrained", "data_root", "out", "device", "shard", "maps_dtype"):
         if name in values and values[name] is not None:
             values[name] = str(values[name])
     try:

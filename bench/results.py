@@ -5,15 +5,21 @@ A cell is (method, source, target, shots, seed) under one backbone. Its director
     config.yaml        the resolved run configuration the cell was made with
     support.json       the support ids per class (absent for methods that ignore support)
     predictions.csv    per-image id, label, score and class probabilities
-    maps.npy           pixel maps (fp16), only when the run asked for them
+    images.csv         per-image dataset, content key, file path and every metadata column of
+                       the dataset (device, patient, BI-RADS, ...): what ``bench table --by``
+                       and the figures need, so that they never re-read the dataset
+    maps.npy           pixel maps (float32, or float16 with --maps-dtype), only when asked for
+    masks.npz          the evaluation masks the maps were scored against (bit-packed, with a
+                       flag for images kept out of pixel metrics), written with ``maps.npy``
     timings.json       seconds spent fitting and predicting
     cell.json          identity, backbone, metrics, the method's table metadata
                        (``method_meta``): written LAST, so its presence marks a finished
                        cell and a re-run skips it
 
 The format is written here and nowhere else: the runner hands a finished cell to
-:func:`write_cell` and asks :func:`finished_cell` whether a stored cell can be reused.
-``bench table`` reads only ``cell.json`` files (see :func:`load_cells`).
+:func:`write_cell`, and :mod:`bench.resume` decides whether a stored cell can be reused.
+``bench table`` reads only ``cell.json`` files (see :func:`load_cells`); the per-image files
+are read back by :mod:`bench.stored`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import csv
 import io
 import json
 import os
-import tempfile
+import shutil
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,12 +39,19 @@ import numpy as np
 import yaml
 
 from bench.errors import ResultsError
+from bench.fileio import atomic_write_bytes, atomic_write_text
 from bench.types import CLASSES, Task
 
 if TYPE_CHECKING:
     from bench.method import Method
 
 CELL_FILE = "cell.json"
+PREDICTIONS_FILE = "predictions.csv"
+IMAGES_FILE = "images.csv"
+MAPS_FILE = "maps.npy"
+MASKS_FILE = "masks.npz"
+#: The fixed leading columns of ``images.csv``; metadata columns follow, sorted by name.
+IMAGE_COLUMNS = ("id", "dataset", "key", "path")
 
 #: Metric keys stored in ``cell.json`` (values in [0, 1]; absent when the task is not done).
 METRIC_KEYS = (
@@ -142,6 +156,11 @@ class CellRecord:
     created: str
     #: None for records written before the metadata was stored (tables then ask the registry).
     method_meta: MethodMeta | None = None
+    #: What data the cell was made on (:mod:`bench.fingerprints`): the source's support pool
+    #: (None for methods that ignore it) and the target set; both None in records written
+    #: before the store kept them.
+    source_fingerprint: str | None = None
+    target_fingerprint: str | None = None
     path: Path | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -149,6 +168,9 @@ class CellRecord:
         data.pop("path")
         if self.method_meta is None:
             data.pop("method_meta")
+        if self.target_fingerprint is None:
+            data.pop("source_fingerprint")
+            data.pop("target_fingerprint")
         data["tasks"] = list(self.tasks)
         data["backbone"]["layers"] = list(self.backbone.layers)
         return data
@@ -170,30 +192,18 @@ class CellRecord:
             eval_size=int(data["eval_size"]),
             created=str(data["created"]),
             method_meta=MethodMeta.from_dict(data["method_meta"]) if data.get("method_meta") else None,
+            source_fingerprint=_optional_str(data.get("source_fingerprint")),
+            target_fingerprint=_optional_str(data.get("target_fingerprint")),
             path=path,
         )
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted JSON, atomically and with the user's umask."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -202,8 +212,10 @@ class CellOutput:
     """Everything stored for one finished cell, as :func:`write_cell` takes it.
 
     ``labels`` are class names (see :data:`~bench.types.CLASSES`), one per image id; ``probs``
-    is (n, 3) for classifying methods; ``maps`` (n, S, S) only when the run saves maps;
-    ``support_ids`` is None for methods that ignore the support set.
+    is (n, 3) for classifying methods; ``maps`` (n, S, S) only when the run saves maps, and
+    then ``masks`` too (one (S, S) mask per image, None for images kept out of pixel metrics);
+    ``support_ids`` is None for methods that ignore the support set. ``images`` holds one row per
+    image: the :data:`IMAGE_COLUMNS` plus the dataset's metadata (see :func:`images_csv`).
     """
 
     record: CellRecord
@@ -220,6 +232,8 @@ class CellOutput:
     notes: Sequence[str]
     excluded_from_pixel_metrics: Mapping[str, str]
     method_options: Mapping[str, Any]
+    images: Sequence[Mapping[str, str]] = ()
+    masks: Sequence[np.ndarray | None] | None = None
 
 
 def predictions_csv(
@@ -238,21 +252,89 @@ def predictions_csv(
     return out.getvalue()
 
 
+def images_csv(rows: Sequence[Mapping[str, str]]) -> str:
+    """Per-image facts: the :data:`IMAGE_COLUMNS`, then the union of the metadata columns
+    (sorted; empty where an image lacks one). See :func:`image_row`."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    extra = sorted({k for row in rows for k in row if k not in IMAGE_COLUMNS})
+    writer.writerow([*IMAGE_COLUMNS, *extra])
+    for row in rows:
+        writer.writerow([row.get(column, "") for column in (*IMAGE_COLUMNS, *extra)])
+    return out.getvalue()
+
+
+def image_row(
+    image_id: str, dataset: str, key: str, path: str, metadata: Mapping[str, str]
+) -> dict[str, str]:
+    """One ``images.csv`` row; a metadata key that clashes with a fixed column is stored as
+    ``meta_<key>`` so that nothing is lost."""
+    row = {f"meta_{k}" if k in IMAGE_COLUMNS else k: str(v) for k, v in metadata.items()}
+    row.update(id=image_id, dataset=dataset, key=key, path=path)
+    return row
+
+
+def masks_npz(masks: Sequence[np.ndarray | None], size: int) -> bytes:
+    """The evaluation masks, bit-packed along rows; ``valid`` is False for images kept out of
+    pixel metrics (their rows are all zero)."""
+    packed = np.zeros((len(masks), size, (size + 7) // 8), dtype=np.uint8)
+    valid = np.zeros(len(masks), dtype=bool)
+    for i, mask in enumerate(masks):
+        if mask is None:
+            continue
+        if mask.shape != (size, size):
+            raise ValueError(f"mask {i} has shape {mask.shape}, expected ({size}, {size})")
+        packed[i] = np.packbits(mask.astype(bool), axis=-1)
+        valid[i] = True
+    buffer = io.BytesIO()
+    np.savez(buffer, packed=packed, valid=valid, size=np.int64(size))
+    return buffer.getvalue()
+
+
 def write_cell(directory: Path, cell: CellOutput) -> None:
-    """Write one finished cell's files into ``directory``; ``cell.json`` last (it marks the
-    cell finished, so an interrupted write leaves a cell that a re-run recomputes)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write one finished cell into ``directory``, all or nothing: the files go into a hidden
+    sibling folder that is renamed to ``directory`` once complete, so an interrupted or failed
+    write (``kill -9``, a full disk) leaves no cell folder at all, and a re-run recomputes it.
+
+    A leftover unfinished ``directory`` (no ``cell.json``, e.g. from an older version) is
+    replaced; a finished one is never overwritten (:class:`ResultsError`).
+    """
+    if (directory / CELL_FILE).exists():
+        raise ResultsError(f"{directory} already holds a finished cell; it is never overwritten")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.writing-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()  # the umask's mode, unlike tempfile.mkdtemp's 0700
+    try:
+        _write_cell_files(staging, cell)
+        if directory.exists():
+            stale = directory.parent / f".{directory.name}.stale-{uuid.uuid4().hex[:12]}"
+            os.replace(directory, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_cell_files(directory: Path, cell: CellOutput) -> None:
     record = cell.record
     atomic_write_text(directory / "config.yaml", yaml.safe_dump(dict(cell.run_config), sort_keys=True))
     if cell.support_ids is not None:
         atomic_write_json(directory / "support.json", {"source": record.source, "ids": cell.support_ids})
     atomic_write_text(
-        directory / "predictions.csv", predictions_csv(cell.image_ids, cell.labels, cell.scores, cell.probs)
+        directory / PREDICTIONS_FILE, predictions_csv(cell.image_ids, cell.labels, cell.scores, cell.probs)
     )
+    if cell.images:
+        ids = [row.get("id") for row in cell.images]
+        if ids != list(cell.image_ids):
+            raise ValueError("CellOutput.images must hold one row per image id, in the same order")
+        atomic_write_text(directory / IMAGES_FILE, images_csv(cell.images))
     if cell.maps is not None:
         buffer = io.BytesIO()
         np.save(buffer, cell.maps)
-        atomic_write_bytes(directory / "maps.npy", buffer.getvalue())
+        atomic_write_bytes(directory / MAPS_FILE, buffer.getvalue())
+        if cell.masks is not None:
+            atomic_write_bytes(directory / MASKS_FILE, masks_npz(cell.masks, int(cell.maps.shape[-1])))
     n = len(cell.image_ids)
     atomic_write_json(
         directory / "timings.json",
@@ -274,45 +356,6 @@ def write_cell(directory: Path, cell: CellOutput) -> None:
 def json_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Method options in the JSON form ``cell.json`` stores (and :func:`finished_cell` compares)."""
     return json.loads(json.dumps(dict(options), sort_keys=True, default=str))
-
-
-def finished_cell(
-    directory: Path,
-    identity: BackboneIdentity,
-    eval_size: int,
-    method: str,
-    options: Mapping[str, Any],
-) -> bool:
-    """True when ``directory`` holds a finished cell made with this backbone, evaluation size
-    and method options (``options`` in JSON form, see :func:`json_options`); a cell made
-    differently raises :class:`ResultsError`, it is never silently reused."""
-    path = directory / CELL_FILE
-    if not path.exists():
-        return False
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        same = BackboneIdentity.from_dict(stored["backbone"]) == identity
-        same_eval = int(stored["eval_size"]) == eval_size
-        stored_options = stored.get("method_options", options)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ResultsError(
-            f"{path} is unreadable ({exc}); delete that cell directory to recompute it"
-        ) from exc
-    if not (same and same_eval):
-        raise ResultsError(
-            f"{path} was made with another backbone or evaluation size "
-            f"({stored['backbone']}, eval {stored['eval_size']}) than this run ({identity}, eval "
-            f"{eval_size}); use another --name or --out so results never mix"
-        )
-    if stored_options != options:
-        changed = sorted(
-            k for k in set(options) | set(stored_options) if options.get(k) != stored_options.get(k)
-        )
-        raise ResultsError(
-            f"{path} was made with other options of method {method!r} (changed: "
-            f"{', '.join(changed)}); use another --name or --out, or delete those cells to recompute them"
-        )
-    return True
 
 
 def iter_cell_files(root: Path) -> Iterator[Path]:

@@ -5,26 +5,32 @@ then predicts every target. A *cell* is a fit unit on one target; it is what the
 store keeps (see :mod:`bench.results`). Methods that ignore the support set have a single
 fit unit (shots 0, seed 0).
 
-Resuming: a cell whose ``cell.json`` exists is finished and skipped; a fit unit whose
-cells are all finished is not even fitted. Sharding (``--shard I/N``) assigns whole fit
-units round-robin in a fixed order, so N machines writing into one results folder never
-fit the same unit twice and together cover the grid.
+Resuming: a cell whose ``cell.json`` exists is finished and skipped (when it was made
+exactly as this run would make it, on the same data; see :mod:`bench.resume`); a fit unit
+whose cells are all finished is not even fitted. Sharding (``--shard I/N``) assigns whole
+fit units round-robin in a fixed order; independently, every process claims a unit before
+fitting it (:mod:`bench.claims`), so several processes running the same command into one
+results folder share the grid and never fit the same unit twice.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import (
     BarColumn,
@@ -36,9 +42,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+import bench.registry as registry
+from bench.claims import ClaimBook
 from bench.config import RunConfig, shard_index, slug
-from bench.data import Dataset, eval_mask, image_item, resolve_dataset, sample_support
-from bench.errors import ConfigError, MethodError
+from bench.data import Dataset, eval_mask, image_item, resolve_dataset, sample_support, support_pool
+from bench.data.checks import check_no_overlap
+from bench.data.support import check_support_sizes
+from bench.errors import ConfigError, DatasetError, MethodError, ResultsError
+from bench.fingerprints import samples_fingerprint
 from bench.kit.clip import Backbone
 from bench.method import Method, MethodContext, Prediction, SupportSet
 from bench.metrics import PixelMetricAccumulator, image_metrics
@@ -48,16 +59,19 @@ from bench.results import (
     CellOutput,
     CellRecord,
     MethodMeta,
-    finished_cell,
+    image_row,
     json_options,
     task_metrics,
     write_cell,
 )
+from bench.resume import CellExpectation, finished_cell
 from bench.types import CLASSES, ImageItem, Task, label_index
 from bench.weights import BackboneSpec, load_backbone, resolve_device
 
 #: Probabilities must sum to one within this tolerance.
 PROB_SUM_TOLERANCE = 1e-4
+#: Seconds between looks at units that other processes hold.
+CLAIM_POLL_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,42 @@ class Cell:
     def __str__(self) -> str:
         u = self.unit
         return f"{u.method} / {self.target} / {u.shots}-shot / seed {u.seed}"
+
+
+def unit_claim_name(unit: FitUnit) -> str:
+    """The file-system-safe name a process claims ``unit`` under (:mod:`bench.claims`)."""
+    return f"{slug(unit.method)}__shots{unit.shots}_seed{unit.seed}"
+
+
+def check_method_config(method_config: Mapping[str, Any]) -> None:
+    """Every method named in ``method_config`` must exist (a typo would silently run defaults)."""
+    known = registry.available_methods()  # looked up at call time: plugins and test doubles count
+    unknown = sorted(set(method_config) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"method_config names unknown method(s) {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(sorted(known))} (see `bench methods`)"
+        )
+
+
+def check_writable(run_dir: Path, out: Path) -> None:
+    """Fail before any work when the run folder cannot be created or written (``--out`` is a
+    file, read-only, or on a full disk), naming the folder and the fix."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise ConfigError(
+            f"cannot create the run folder {run_dir}: {exc.filename or out} is a file, not a folder; "
+            "choose another --out (or --name)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write into the run folder {run_dir} ({exc.strerror or exc}); choose a writable --out "
+            "with free space"
+        ) from None
 
 
 @dataclass
@@ -123,6 +173,21 @@ class TestSet:
     @property
     def n_pixel_images(self) -> int:
         return sum(m is not None for m in self.masks)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What a stored cell of this target must have been made on (:mod:`bench.fingerprints`)."""
+        return samples_fingerprint(self.dataset.samples)
+
+    def image_rows(self) -> list[dict[str, str]]:
+        """Per-image facts the store keeps (``images.csv``): id, dataset, content key, file path
+        and the sample's metadata."""
+        return [
+            image_row(
+                item.id, sample.dataset, item.key, str(Path(sample.image_path).resolve()), sample.metadata
+            )
+            for sample, item in zip(self.dataset.samples, self.items, strict=True)
+        ]
 
 
 @dataclass
@@ -196,6 +261,7 @@ class Runner:
         self._support_cache: dict[tuple[int, int], tuple[SupportSet, dict[str, list[str]]]] = {}
         self._source: Dataset | None = None
         self._tests: dict[str, TestSet] = {}
+        self._target_by_name: dict[str, TestSet] = {}
 
     # -- shared resources -------------------------------------------------------------
     @property
@@ -240,8 +306,12 @@ class Runner:
             masks = []
             for sample in samples:
                 result = eval_mask(sample, self.config.eval_size)
-                if result.mask is None:  # sample_support only draws usable samples
-                    raise AssertionError(f"support sample {sample.id} has no usable mask: {result.reason}")
+                if result.mask is None:  # e.g. a mask file that decodes to no lesion pixel
+                    raise DatasetError(
+                        f"support sample {sample.id} ({sample.image_path}) has no usable mask: "
+                        f"{result.reason}; fix or remove it (`bench datasets {self.config.source} --deep` "
+                        "lists every such file)"
+                    )
                 masks.append(result.mask.astype(np.float32))
             support = SupportSet(
                 items=tuple(image_item(s) for s in samples),
@@ -255,9 +325,11 @@ class Runner:
     def run(self) -> RunSummary:
         """Run (or resume) this shard of the grid; returns what was done."""
         c = self.config
+        check_method_config(c.method_config)
         units = shard_units(plan_grid(c), c.shard)
         identity = self.backbone.identity  # fail fast on missing weights, before any work
         run_dir = self.run_dir
+        check_writable(run_dir, Path(c.out))
         targets = {t: self.test_set(t) for t in c.targets}
         by_name: dict[str, str] = {}
         for spec, test in targets.items():
@@ -267,18 +339,19 @@ class Runner:
                     "results would share a folder; rename one of the manifests or folders"
                 )
             by_name[test.name] = spec
-        if any(get_method(u.method).uses_support for u in units):
-            _ = self.source
+        few_shot = sorted({u.shots for u in units if get_method(u.method).uses_support})
+        if few_shot:
+            # Before any cell runs: every shot count can be drawn, and no target image is a
+            # support candidate (scores on it would not be a cross-domain result).
+            check_support_sizes(self.source, few_shot)
+            for test in targets.values():
+                check_no_overlap(self.source, test.dataset)
+        self._target_by_name = {ts.name: ts for ts in targets.values()}
         summary = RunSummary(run_dir=run_dir, backbone=identity)
         pending: list[tuple[FitUnit, list[Cell]]] = []
         for unit in units:
             cells = [Cell(unit, targets[t].name) for t in c.targets]
-            options = self._method_options(unit.method)
-            todo = [
-                cell
-                for cell in cells
-                if not finished_cell(cell.directory(run_dir), identity, c.eval_size, unit.method, options)
-            ]
+            todo = self._unfinished(unit, cells, identity)
             summary.cells_skipped.extend(cell for cell in cells if cell not in todo)
             if todo:
                 pending.append((unit, todo))
@@ -291,26 +364,115 @@ class Runner:
             )
         n_todo = sum(len(todo) for _, todo in pending)
         self.console.print(
-            f"run [bold]{run_dir}[/]: {n_todo} cells to compute, "
+            f"run [bold]{escape(str(run_dir))}[/]: {n_todo} cells to compute, "
             f"{len(summary.cells_skipped)} already finished "
-            f"(shard {c.shard}, backbone {identity.label})"
+            f"(shard {c.shard}, backbone {escape(identity.label)})"
         )
-        target_by_name = {ts.name: ts for ts in targets.values()}
-        with self._progress() as progress:
-            bridge = _ProgressBridge(progress)
-            grid_task = progress.add_task("grid", total=n_todo) if progress else None
-            for unit, todo in pending:
-                method = self._fit(unit, bridge, progress, grid_task)
-                for cell in todo:
-                    self._evaluate(method, cell, target_by_name[cell.target], identity, bridge)
-                    summary.cells_done.append(cell)
-                    if progress is not None and grid_task is not None:
-                        progress.advance(grid_task)
+        claims = ClaimBook(run_dir)
+        try:
+            with self._progress() as progress:
+                self._run_pending(pending, claims, identity, summary, progress)
+        finally:
+            claims.close()
         if self._backbone is not None:
             stats = self._backbone.cache_stats()
             summary.images_encoded = self._backbone.n_encoded
             summary.cache_hits, summary.cache_misses = stats.hits, stats.misses
         return summary
+
+    def _run_pending(
+        self,
+        pending: list[tuple[FitUnit, list[Cell]]],
+        claims: ClaimBook,
+        identity: BackboneIdentity,
+        summary: RunSummary,
+        progress: Progress | None,
+    ) -> None:
+        """Fit and evaluate every pending unit this process can claim; units claimed by another
+        live process are retried after the rest, and their cells skipped once it finishes them."""
+        bridge = _ProgressBridge(progress)
+        grid_task = progress.add_task("grid", total=sum(len(t) for _, t in pending)) if progress else None
+
+        def advance(n: int) -> None:
+            if progress is not None and grid_task is not None:
+                progress.advance(grid_task, n)
+
+        queue = deque(pending)
+        deferred_in_a_row = 0
+        while queue:
+            unit, todo = queue.popleft()
+            still = self._unfinished(unit, todo, identity)
+            if len(still) < len(todo):  # finished meanwhile by another process
+                summary.cells_skipped.extend(cell for cell in todo if cell not in still)
+                advance(len(todo) - len(still))
+            if not still:
+                continue
+            claim = claims.try_claim(unit_claim_name(unit))
+            if claim is None:
+                queue.append((unit, still))
+                deferred_in_a_row += 1
+                if deferred_in_a_row >= len(queue):  # everything left is held by other processes
+                    if progress is not None and grid_task is not None:
+                        progress.update(grid_task, description="grid: waiting for units other processes hold")
+                    time.sleep(CLAIM_POLL_SECONDS)
+                    deferred_in_a_row = 0
+                continue
+            deferred_in_a_row = 0
+            try:
+                self._compute_unit(unit, still, identity, summary, bridge, progress, grid_task, advance)
+            finally:
+                claims.release(claim)
+
+    def _compute_unit(
+        self,
+        unit: FitUnit,
+        todo: list[Cell],
+        identity: BackboneIdentity,
+        summary: RunSummary,
+        bridge: _ProgressBridge,
+        progress: Progress | None,
+        grid_task: TaskID | None,
+        advance: Callable[[int], None],
+    ) -> None:
+        """Fit ``unit`` and evaluate its unfinished cells (the caller holds its claim)."""
+        still = self._unfinished(unit, todo, identity)  # another process may have finished it
+        if len(still) < len(todo):
+            summary.cells_skipped.extend(cell for cell in todo if cell not in still)
+            advance(len(todo) - len(still))
+        if not still:
+            return
+        method = self._fit(unit, bridge, progress, grid_task)
+        for cell in still:
+            self._evaluate(method, cell, self._target_by_name[cell.target], identity, bridge)
+            summary.cells_done.append(cell)
+            advance(1)
+
+    def _unfinished(self, unit: FitUnit, cells: Sequence[Cell], identity: BackboneIdentity) -> list[Cell]:
+        """The cells of ``unit`` with no reusable finished cell on disk (see :mod:`bench.resume`)."""
+        return [
+            cell
+            for cell in cells
+            if not finished_cell(cell.directory(self.run_dir), self._expectation(unit, cell, identity))
+        ]
+
+    def _expectation(self, unit: FitUnit, cell: Cell, identity: BackboneIdentity) -> CellExpectation:
+        test = self._target_by_name[cell.target]
+        return CellExpectation(
+            identity=identity,
+            eval_size=self.config.eval_size,
+            method=unit.method,
+            options=self._method_options(unit.method),
+            source=self.config.source,
+            source_fingerprint=self.source_fingerprint if get_method(unit.method).uses_support else None,
+            target_fingerprint=test.fingerprint,
+            target_ids=[item.id for item in test.items],
+        )
+
+    @functools.cached_property
+    def source_fingerprint(self) -> str:
+        """The fingerprint of the source's support pool (what few-shot cells were drawn from)."""
+        pool = support_pool(self.source)
+        return samples_fingerprint(sample for samples in pool.values() for sample in samples)
 
     @property
     def run_dir(self) -> Path:
@@ -396,7 +558,7 @@ class Runner:
         scores = np.empty(n, dtype=np.float64)
         probs = np.empty((n, len(CLASSES)), dtype=np.float64) if Task.CLASSIFY in tasks else None
         maps_out = (
-            np.empty((n, size, size), dtype=np.float16)
+            np.empty((n, size, size), dtype=np.dtype(self.config.maps_dtype))
             if (self.config.save_maps and Task.LOCALIZE in tasks)
             else None
         )
@@ -424,6 +586,7 @@ class Runner:
                 if keep:
                     pixels.add(prediction.maps[keep], np.stack([test.masks[start + i] for i in keep]))
                 if maps_out is not None:
+                    check_storable(prediction.maps, maps_out.dtype, items, cell)
                     maps_out[start:stop] = prediction.maps
         predict_seconds = time.perf_counter() - start_time
 
@@ -470,6 +633,8 @@ class Runner:
             eval_size=self.config.eval_size,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             method_meta=MethodMeta.of(type(method)),
+            source_fingerprint=self.source_fingerprint if type(method).uses_support else None,
+            target_fingerprint=test.fingerprint,
         )
         output = CellOutput(
             record=record,
@@ -486,8 +651,18 @@ class Runner:
             notes=notes,
             excluded_from_pixel_metrics=test.excluded,
             method_options=method.config,
+            images=test.image_rows(),
+            masks=test.masks if maps is not None else None,
         )
-        write_cell(cell.directory(self.run_dir), output)
+        directory = cell.directory(self.run_dir)
+        try:
+            write_cell(directory, output)
+        except OSError as exc:
+            raise ResultsError(
+                f"cannot write cell {cell} into {directory} ({exc.strerror or exc}); nothing was left under "
+                "its name: free disk space (or fix the folder's permissions) and run the same command again "
+                "to resume"
+            ) from None
 
 
 @dataclass
@@ -503,7 +678,7 @@ def validate_prediction(
     """Reject malformed or non-finite method output with a message naming the cell and image."""
     b = len(items)
 
-    def fail(problem: str) -> None:
+    def fail(problem: str) -> NoReturn:
         raise MethodError(
             f"cell {cell}: method {cell.unit.method!r} returned {problem}; nothing was written for this cell"
         )
@@ -512,7 +687,16 @@ def validate_prediction(
         bad = np.flatnonzero(~np.isfinite(values.reshape(b, -1)).all(axis=1))
         return items[int(bad[0])].id if bad.size else "?"
 
-    scores = np.asarray(prediction.scores)
+    def numeric(name: str, values: object) -> np.ndarray:
+        try:
+            array = np.asarray(values)
+        except (TypeError, ValueError) as exc:  # ragged nested lists and the like
+            fail(f"{name} that are not an array ({exc})")
+        if array.dtype.kind not in "biuf":
+            fail(f"non-numeric {name} (dtype {array.dtype}); return real numbers")
+        return array
+
+    scores = numeric("scores", prediction.scores)
     if scores.shape != (b,):
         fail(f"scores of shape {scores.shape} for a batch of {b} images (expected ({b},))")
     if not np.isfinite(scores).all():
@@ -521,7 +705,7 @@ def validate_prediction(
         probs = prediction.probs
         if probs is None or np.shape(probs) != (b, len(CLASSES)):
             fail(f"probabilities of shape {None if probs is None else np.shape(probs)} (expected ({b}, 3))")
-        probs = np.asarray(probs)
+        probs = numeric("probabilities", probs)
         if not np.isfinite(probs).all():
             fail(f"NaN or infinite probabilities (first bad image: {first_bad(probs)})")
         if (probs < 0).any() or np.abs(probs.sum(axis=1) - 1).max() > PROB_SUM_TOLERANCE:
@@ -530,8 +714,22 @@ def validate_prediction(
         maps = prediction.maps
         if maps is None or np.shape(maps) != (b, size, size):
             fail(f"maps of shape {None if maps is None else np.shape(maps)} (expected ({b}, {size}, {size}))")
-        if not np.isfinite(np.asarray(maps)).all():
-            fail(f"NaN or infinite map values (first bad image: {first_bad(np.asarray(maps))})")
+        maps = numeric("maps", maps)
+        if not np.isfinite(maps).all():
+            fail(f"NaN or infinite map values (first bad image: {first_bad(maps)})")
+
+
+def check_storable(maps: np.ndarray, dtype: np.dtype, items: Sequence[ImageItem], cell: Cell) -> None:
+    """Refuse maps that ``dtype`` cannot hold (float16 turns finite values above 65504 into inf)."""
+    limit = float(np.finfo(dtype).max)
+    peaks = np.abs(np.asarray(maps, dtype=np.float64)).reshape(len(items), -1).max(axis=1)
+    if (peaks > limit).any():
+        first = items[int(np.flatnonzero(peaks > limit)[0])].id
+        raise ConfigError(
+            f"cell {cell}: method {cell.unit.method!r} returned map values up to {peaks.max():.6g} "
+            f"(first on image {first}), beyond what {dtype} stores ({limit:g}); run with "
+            "--maps-dtype float32 (nothing was written for this cell)"
+        )
 
 
 def run_grid(config: RunConfig, console: Console | None = None, show_progress: bool = True) -> RunSummary:

@@ -331,9 +331,11 @@ def cell_dirs(run_dir: Path) -> set[str]:
 def wide_consoles(monkeypatch: pytest.MonkeyPatch) -> None:
     """Consoles wide enough that rich never wraps a message or truncates a table cell."""
     import bench.cli as cli
+    import bench.cli_support as cli_support
 
-    monkeypatch.setattr(cli, "console", Console(width=2000))
-    monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=2000))
+    for module in (cli, cli_support):
+        monkeypatch.setattr(module, "console", Console(width=2000))
+        monkeypatch.setattr(module, "err_console", Console(stderr=True, width=2000))
 
 
 def bench(*args: str | Path) -> tuple[int, str, str]:

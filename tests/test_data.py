@@ -368,8 +368,8 @@ def test_breast_rgba_image_and_mask(breast: Dataset) -> None:
 def test_named_resolution_is_case_insensitive(real_root: Path, udiat: Dataset) -> None:
     again = resolve_dataset("UDIAT", real_root)
     assert again.name == "udiat" and [s.id for s in again.samples] == [s.id for s in udiat.samples]
-    assert set(NAMED_DATASETS) == {"bus-uclm", "busi", "udiat", "breast"}
-    assert dataset_names()[:4] == ["bus-uclm", "busi", "udiat", "breast"]
+    assert set(NAMED_DATASETS) == {"bus-uclm", "busi", "udiat", "breast", "bus-bra"}
+    assert dataset_names()[:5] == ["bus-uclm", "busi", "udiat", "breast", "bus-bra"]
 
 
 def test_path_resolution_real(real_root: Path, uclm: Dataset) -> None:

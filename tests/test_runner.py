@@ -31,6 +31,7 @@ from conftest import (
     tiny_config,
 )
 
+from bench.breakdown import cell_metrics, whole_evaluations
 from bench.config import RunConfig, load_config, shard_index
 from bench.data import resolve_dataset, sample_support
 from bench.errors import BenchError, ConfigError, DatasetError, MethodError
@@ -43,7 +44,7 @@ from bench.types import ImageItem, Task
 IMAGE_KEYS = ("image_auroc",)
 CLASS_KEYS = ("class_auroc", "class_accuracy", "class_balanced_accuracy")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_dice")
-CELL_FILES = {"config.yaml", "predictions.csv", "timings.json", "cell.json"}
+CELL_FILES = {"config.yaml", "predictions.csv", "images.csv", "timings.json", "cell.json"}
 
 
 class PrototypeProbe(Method):
@@ -462,6 +463,8 @@ class BadOutput(Method):
             probs = np.full((b, 2), 0.5)
         elif self.mode == "score-shape":
             scores = scores[:-1]
+        elif self.mode == "huge-map":
+            maps[min(2, b - 1), 3, 4] = 70000.0
         return Prediction(scores=scores, probs=probs, maps=maps)
 
 
@@ -581,8 +584,12 @@ def test_too_few_support_images_names_the_class(
     make_config: Callable[..., RunConfig], method_registry: Callable[..., None]
 ) -> None:
     method_registry(PrototypeProbe)
-    with pytest.raises(DatasetError, match=r"class normal has 6 image\(s\) usable.*shots=7"):
-        run_grid(make_config(methods="intensity,proto-test", shots="7"), show_progress=False)
+    config = make_config(methods="intensity,proto-test", shots="2,7")
+    with pytest.raises(DatasetError, match=r"class normal has 6 image\(s\);.*shots=7") as info:
+        run_grid(config, show_progress=False)
+    assert "lacking a mask" not in str(info.value)  # every source image here is usable
+    # Checked before any cell runs: not even the zero-shot method's cells, listed first, exist.
+    assert not run_dir_of(config).exists() or not list(run_dir_of(config).rglob("cell.json"))
 
 
 # --------------------------------------------------------------------------- configuration
@@ -678,13 +685,38 @@ def test_resume_refuses_cells_made_with_other_method_options(make_config: Callab
     assert run_grid(same, show_progress=False).cells_done == []
 
 
-def test_save_maps_stores_fp16_maps_of_localizing_methods(make_config: Callable[..., RunConfig]) -> None:
+def test_save_maps_stores_the_scored_maps_and_masks(make_config: Callable[..., RunConfig]) -> None:
     config = make_config(methods="intensity", save_maps=True)
     run_grid(config, show_progress=False)
     for target in ("tgta", "tgtb"):
-        maps = np.load(run_dir_of(config) / "intensity" / target / "shots0_seed0" / "maps.npy")
-        assert maps.shape == (9, EVAL_SIZE, EVAL_SIZE) and maps.dtype == np.float16
-        assert np.isfinite(maps).all()
+        cell = run_dir_of(config) / "intensity" / target / "shots0_seed0"
+        maps = np.load(cell / "maps.npy")
+        assert maps.shape == (9, EVAL_SIZE, EVAL_SIZE) and maps.dtype == np.float32
+        with np.load(cell / "masks.npz") as masks:
+            assert masks["valid"].all() and int(masks["size"]) == EVAL_SIZE
+    # Float32 maps hold exactly what the pixel metrics were computed from.
+    for evaluation in whole_evaluations(load_cells(run_dir_of(config))):
+        assert cell_metrics(evaluation.stored).values == dict(evaluation.record.metrics)
+
+
+def test_float16_maps_are_stored_and_range_checked(
+    make_config: Callable[..., RunConfig],
+    method_registry: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = make_config(methods="intensity", save_maps=True, maps_dtype="float16")
+    run_grid(config, show_progress=False)
+    maps = np.load(run_dir_of(config) / "intensity" / "tgta" / "shots0_seed0" / "maps.npy")
+    assert maps.dtype == np.float16
+    method_registry(BadOutput)
+    monkeypatch.setattr(BadOutput, "mode", "huge-map")
+    with pytest.raises(ConfigError, match=r"map values up to 70000.*float16.*--maps-dtype float32") as info:
+        run_grid(make_config(methods="bad-output", save_maps=True, maps_dtype="float16"), show_progress=False)
+    assert "tgta_normal_002" in str(info.value)
+    assert not (run_dir_of(config) / "bad-output").exists() or not list(
+        (run_dir_of(config) / "bad-output").rglob("cell.json")
+    )
+    run_grid(make_config(methods="bad-output", save_maps=True), show_progress=False)  # float32 holds it
 
 
 @pytest.mark.parametrize("repeat", ["methods", "targets"])

@@ -23,13 +23,13 @@ from bench.results import (
     CellOutput,
     CellRecord,
     MethodMeta,
-    finished_cell,
     json_options,
     load_cells,
     predictions_csv,
     task_metrics,
     write_cell,
 )
+from bench.resume import CellExpectation, finished_cell
 from bench.types import Task
 
 IDENTITY = BackboneIdentity("ViT-B-16", "random-init", 224, (3, 6, 9, 12))
@@ -144,21 +144,95 @@ def test_record_without_method_meta_round_trips() -> None:
     assert CellRecord.from_json(record().to_json()).method_meta == MethodMeta("classifier", 2, None)
 
 
+def expect(**overrides: object) -> CellExpectation:
+    values: dict[str, object] = {
+        "identity": IDENTITY,
+        "eval_size": 32,
+        "method": "demo",
+        "options": json_options({"k": 1, "path": Path("/x")}),
+        "source": "bus-uclm",
+        "source_fingerprint": "src-fp",
+        "target_fingerprint": "tgt-fp",
+        "target_ids": ["a", "b"],
+    }
+    values.update(overrides)
+    return CellExpectation(**values)  # type: ignore[arg-type]
+
+
 def test_finished_cell(tmp_path: Path) -> None:
-    options = json_options({"k": 1, "path": Path("/x")})
-    assert not finished_cell(tmp_path, IDENTITY, 32, "demo", options)
-    write_cell(tmp_path, output())
-    assert finished_cell(tmp_path, IDENTITY, 32, "demo", options)
-    stored = json.loads((tmp_path / CELL_FILE).read_text())
+    cell = tmp_path / "cell"
+    assert not finished_cell(cell, expect())
+    write_cell(cell, output(record=record(source_fingerprint="src-fp", target_fingerprint="tgt-fp")))
+    assert finished_cell(cell, expect())
+    stored = json.loads((cell / CELL_FILE).read_text())
     del stored["method_meta"]  # a cell of an older store is still finished
-    (tmp_path / CELL_FILE).write_text(json.dumps(stored))
-    assert finished_cell(tmp_path, IDENTITY, 32, "demo", options)
+    (cell / CELL_FILE).write_text(json.dumps(stored))
+    assert finished_cell(cell, expect())
     with pytest.raises(ResultsError, match="another backbone or evaluation size"):
-        finished_cell(tmp_path, IDENTITY, 48, "demo", options)
+        finished_cell(cell, expect(eval_size=48))
     with pytest.raises(ResultsError, match="another backbone or evaluation size"):
-        finished_cell(tmp_path, replace(IDENTITY, weights="openai"), 32, "demo", options)
+        finished_cell(cell, expect(identity=replace(IDENTITY, weights="openai")))
     with pytest.raises(ResultsError, match=r"other options of method 'demo' \(changed: k\)"):
-        finished_cell(tmp_path, IDENTITY, 32, "demo", {**options, "k": 2})
-    (tmp_path / CELL_FILE).write_text("{not json")
+        finished_cell(cell, expect(options={**expect().options, "k": 2}))
+    with pytest.raises(ResultsError, match="another target set"):
+        finished_cell(cell, expect(target_fingerprint="other"))
+    with pytest.raises(ResultsError, match="support drawn from other source data"):
+        finished_cell(cell, expect(source_fingerprint="other"))
+    assert finished_cell(cell, expect(source_fingerprint=None))  # a zero-shot method ignores the source
+    (cell / CELL_FILE).write_text("{not json")
     with pytest.raises(ResultsError, match="is unreadable"):
-        finished_cell(tmp_path, IDENTITY, 32, "demo", options)
+        finished_cell(cell, expect())
+
+
+def test_cells_stored_before_fingerprints_are_checked_by_ids_and_source_name(tmp_path: Path) -> None:
+    cell = tmp_path / "cell"
+    write_cell(cell, output())  # no fingerprints, as an older store wrote
+    assert "target_fingerprint" not in json.loads((cell / CELL_FILE).read_text())
+    assert finished_cell(cell, expect())
+    with pytest.raises(ResultsError, match="lists other images than this run's target"):
+        finished_cell(cell, expect(target_ids=["a", "c"]))
+    with pytest.raises(ResultsError, match=r"made with support from 'bus-uclm'.*from 'busi'"):
+        finished_cell(cell, expect(source="busi"))
+
+
+def test_write_cell_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import bench.results as results
+
+    calls = {"n": 0}
+    real = results.atomic_write_text
+
+    def fill_disk_on_third_write(path: Path, text: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(results, "atomic_write_text", fill_disk_on_third_write)
+    with pytest.raises(OSError, match="No space left"):
+        write_cell(tmp_path / "cell", output())
+    assert list(tmp_path.iterdir()) == []  # no cell folder, no staging folder left
+    monkeypatch.undo()
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / "config.yaml").write_text("left by an interrupted older version")
+    write_cell(tmp_path / "cell", output())
+    assert (tmp_path / "cell" / CELL_FILE).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cell"]
+    with pytest.raises(ResultsError, match="never overwritten"):
+        write_cell(tmp_path / "cell", output())
+
+
+def test_cell_files_get_the_umask_mode(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_cell(tmp_path / "shared", output())
+        os.umask(0o077)
+        write_cell(tmp_path / "private", output())
+    finally:
+        os.umask(old)
+    assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "shared").iterdir()} == {0o644}
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755
+    assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "private").iterdir()} == {0o600}

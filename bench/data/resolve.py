@@ -16,8 +16,10 @@ from pathlib import Path
 
 from bench.data.dataset import Dataset
 from bench.data.readers import (
+    is_bus_bra_layout,
     is_bus_uclm_layout,
     is_busi_layout,
+    read_bus_bra,
     read_bus_uclm,
     read_busi,
     read_manifest,
@@ -47,6 +49,7 @@ NAMED_DATASETS: dict[str, str] = {
     "busi": "Dataset_BUSI_with_GT",
     "udiat": "UDIAT_DatasetB/manifest.csv",
     "breast": "BrEaST/manifest.csv",
+    "bus-bra": "BUSBRA",
 }
 
 #: Where to get each named dataset, shown when it is missing.
@@ -61,6 +64,8 @@ DOWNLOAD_HINTS: dict[str, str] = {
     "breast": "BrEaST-Lesions-USG (Pawlowska et al., Scientific Data 2024) is on TCIA: "
     "https://www.cancerimagingarchive.net/collection/breast-lesions-usg/; "
     "the folder also needs a manifest.csv with columns image,mask,label",
+    "bus-bra": "BUS-BRA (Gomez-Flores et al., Medical Physics 2024; CC BY 4.0) is on Zenodo: "
+    "https://zenodo.org/records/8231412; unpack it so that BUSBRA/bus_data.csv, Images/ and Masks/ exist",
 }
 
 #: A provider builds a dataset from the full spec (e.g. ``"phantom:device-a"``) and the data root.
@@ -130,8 +135,9 @@ def read_path(path: Path, name: str | None = None) -> Dataset:
     """Read a dataset from a path, choosing the reader from what is there.
 
     A ``.csv`` file is a manifest; a folder with ``INFO.csv``, ``images/`` and ``masks/`` is
-    BUS-UCLM; a folder with ``benign/``, ``malignant/`` or ``normal/`` is BUSI; a folder
-    with a ``manifest.csv`` is read through it.
+    BUS-UCLM; a folder with ``bus_data.csv`` or ``Images/`` and ``Masks/`` is BUS-BRA; a
+    folder with ``benign/``, ``malignant/`` or ``normal/`` is BUSI; a folder with a
+    ``manifest.csv`` is read through it.
     """
     path = Path(path).expanduser()
     if path.is_file():
@@ -142,14 +148,16 @@ def read_path(path: Path, name: str | None = None) -> Dataset:
         raise DatasetError(f"{path}: no such file or folder")
     if is_bus_uclm_layout(path):
         return read_bus_uclm(path, name or path.resolve().name)
+    if is_bus_bra_layout(path):
+        return read_bus_bra(path, name or path.resolve().name)
     if is_busi_layout(path):
         return read_busi(path, name or path.resolve().name)
     if (path / "manifest.csv").is_file():
         return read_manifest(path / "manifest.csv", name)
     raise DatasetError(
         f"{path}: not a dataset folder I recognise. Expected one of: BUS-UCLM layout (INFO.csv, images/, "
-        "masks/), BUSI layout (benign/, malignant/, normal/ subfolders), or a manifest.csv "
-        "(columns image,mask,label); or pass the manifest .csv itself"
+        "masks/), BUS-BRA layout (bus_data.csv, Images/, Masks/), BUSI layout (benign/, malignant/, "
+        "normal/ subfolders), or a manifest.csv (columns image,mask,label); or pass the manifest .csv itself"
     )
 
 

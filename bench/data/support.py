@@ -18,14 +18,21 @@ never drawn, normal or not (see :mod:`bench.data.masks`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.data.dataset import Dataset
-from bench.data.masks import pixel_exclusions
+from bench.data.masks import MASK_SIZE_MISMATCH, NO_LESION_MASK, pixel_exclusions
 from bench.errors import DatasetError
 from bench.types import CLASSES, Label, Sample
 
-__all__ = ["SupportSelection", "sample_support", "support_pool"]
+__all__ = ["SupportSelection", "check_support_sizes", "sample_support", "support_pool"]
+
+# How each exclusion kind reads after "left out: <n> ..." in a shortfall message.
+_LEFT_OUT_PHRASES = {
+    NO_LESION_MASK: "lacking a mask file",
+    MASK_SIZE_MISMATCH: "whose mask size differs from the image",
+}
 
 
 @dataclass(frozen=True)
@@ -87,26 +94,74 @@ def _rank(seed: int, shots: int, label: Label, sample_id: str) -> str:
     return hashlib.sha256(f"{seed}:{shots}:{label.value}:{sample_id}".encode()).hexdigest()
 
 
+def _check_shots(shots: object) -> int:
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise DatasetError(f"shots must be a positive integer, got {shots!r}")
+    return shots
+
+
+def _class_supply(dataset: Dataset, label: Label, usable: int) -> str:
+    """``"class benign has 4 image(s) usable ... (6 in total; left out: 2 lacking a mask file)"``."""
+    of_class = dataset.of_class(label)
+    if len(of_class) == usable:
+        return f"class {label.value} has {usable} image(s)"
+    by_kind: dict[str, int] = {}
+    for reason in pixel_exclusions(of_class).values():
+        by_kind[reason.kind] = by_kind.get(reason.kind, 0) + 1
+    left_out = ", ".join(f"{n} {_LEFT_OUT_PHRASES.get(kind, kind)}" for kind, n in by_kind.items())
+    return (
+        f"class {label.value} has {usable} image(s) usable for the support set "
+        f"({len(of_class)} in total; left out: {left_out})"
+    )
+
+
+def _shortfall(dataset: Dataset, pool: dict[Label, list[Sample]], shots: int) -> str | None:
+    """The error message when some class has fewer than ``shots`` candidates, else ``None``."""
+    short = [label for label in CLASSES if len(pool[label]) < shots]
+    if not short:
+        return None
+    supplies = "; ".join(_class_supply(dataset, label, len(pool[label])) for label in short)
+    most = min(len(pool[label]) for label in CLASSES)
+    if most:
+        fix = f"lower --shots to at most {most} or use another source dataset"
+    else:
+        fix = "use another source dataset (the support set needs images of every class)"
+    return f"dataset {dataset.name!r}: {supplies}, fewer than shots={shots}; {fix}"
+
+
+def check_support_sizes(dataset: Dataset, shots: Sequence[int]) -> None:
+    """Fail before any work when some shot count cannot be drawn from ``dataset``.
+
+    Raises the :class:`DatasetError` that :func:`sample_support` would raise for the largest
+    failing shot count, naming every failing count, so a grid stops before its first cell
+    rather than at its last.
+    """
+    counts = sorted({_check_shots(k) for k in shots})
+    pool = support_pool(dataset)
+    failing = [k for k in counts if _shortfall(dataset, pool, k) is not None]
+    if not failing:
+        return
+    message = _shortfall(dataset, pool, failing[-1])
+    if len(failing) > 1:
+        message = f"{message} (shots {', '.join(map(str, failing))} cannot be drawn)"
+    raise DatasetError(message)
+
+
 def sample_support(dataset: Dataset, shots: int, seed: int) -> SupportSelection:
     """Draw ``shots`` images per class (normal, benign, malignant) from ``dataset``, seeded.
 
     Deterministic everywhere (see the module docstring). Raises :class:`DatasetError` when
     a class has fewer than ``shots`` usable images, naming the dataset, class and counts.
     """
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise DatasetError(f"shots must be a positive integer, got {shots!r}")
+    shots = _check_shots(shots)
     pool = support_pool(dataset)
+    message = _shortfall(dataset, pool, shots)
+    if message is not None:
+        raise DatasetError(message)
     ids: dict[Label, list[str]] = {}
     samples: list[Sample] = []
     for label in CLASSES:
         candidates = pool[label]
-        if len(candidates) < shots:
-            total = sum(1 for s in dataset.samples if s.label is label)
-            raise DatasetError(
-                f"dataset {dataset.name!r}: class {label.value} has {len(candidates)} image(s) usable "
-                f"for the support set ({total} in total, the others lack a size-consistent mask), fewer than "
-                f"shots={shots}; lower --shots or use another source dataset"
-            )
         chosen = sorted(candidates, key=lambda s: (_rank(seed, shots, label, s.id), s.id))[:shots]
         # Keep dataset order inside a class so that the selection reads naturally.
         chosen_ids = {s.id for s in chosen}

@@ -59,7 +59,7 @@ Layout decisions
   warning lines; see :mod:`~bench.tables.render_csv`.
 """
 
-from bench.tables.builder import DEFAULT_PAPER_TARGETS, build_tables
+from bench.tables.builder import DEFAULT_PAPER_TARGETS, IntervalSpec, build_tables
 from bench.tables.cells import GroupKey, dedupe_cells, group_key
 from bench.tables.model import (
     ABLATION,
@@ -121,6 +121,7 @@ __all__ = [
     "STD_DDOF",
     "Column",
     "GroupKey",
+    "IntervalSpec",
     "PaperMethod",
     "PaperNumbers",
     "PaperTable",

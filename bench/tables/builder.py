@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,32 @@ def _resolve_paper_targets(paper_targets: Mapping[str, str] | None) -> dict[str,
     return mapping
 
 
+#: One table cell's confidence interval in metric units (low, high), keyed by (backbone group,
+#: method, zero-shot, target, shots (0 for zero-shot), metric); see :mod:`bench.intervals`.
+IntervalKey = tuple[GroupKey, str, bool, str, int, str]
+
+
+@dataclass(frozen=True)
+class IntervalSpec:
+    """Confidence intervals to show beside mean ± std, and how they were made (for the legend)."""
+
+    values: Mapping[IntervalKey, tuple[float, float]]
+    level: float
+    n_resamples: int
+    seed: int
+
+
 def _blank_cell() -> dict[str, Any]:
     """A table cell with nothing in it (status blank, no statistics)."""
-    return {"status": STATUS_BLANK, "mean": math.nan, "std": math.nan, "n": math.nan, "seeds": ""}
+    return {
+        "status": STATUS_BLANK,
+        "mean": math.nan,
+        "std": math.nan,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
+        "n": math.nan,
+        "seeds": "",
+    }
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:
@@ -63,10 +87,12 @@ def _stats(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def _fmt_value(mean: float, std: float, n: int | None, show_n: bool) -> str:
+def _fmt_value(mean: float, std: float, n: int | None, show_n: bool, ci: tuple[float, float]) -> str:
     text = f"{mean:.1f}"
     if not math.isnan(std):
         text += f" ± {std:.1f}"
+    if not math.isnan(ci[0]):
+        text += f" [{ci[0]:.1f}, {ci[1]:.1f}]"
     if show_n and n is not None:
         text += f" (n={n})"
     return text
@@ -97,7 +123,11 @@ class _BlockBuilder:
         paper: PaperNumbers | None,
         paper_targets: Mapping[str, str],
         placement: Placement,
+        group: GroupKey | None = None,
+        intervals: IntervalSpec | None = None,
     ) -> None:
+        self.group = group
+        self.intervals = intervals
         self.cells = cells
         self.paper = paper
         self.paper_targets = paper_targets
@@ -182,6 +212,12 @@ class _BlockBuilder:
         out.update(
             status=STATUS_OK, mean=mean, std=std, n=len(used), seeds=" ".join(str(c.seed) for c in used)
         )
+        if self.intervals is not None and self.group is not None:
+            shots = 0 if row.zero_shot else column.shots
+            key = (self.group, row.method, row.zero_shot, column.target, shots, metric)
+            if key in self.intervals.values:
+                low, high = self.intervals.values[key]
+                out.update(ci_low=100.0 * low, ci_high=100.0 * high)
         return out
 
     @staticmethod
@@ -241,6 +277,8 @@ class _BlockBuilder:
                 "status",
                 "mean",
                 "std",
+                "ci_low",
+                "ci_high",
                 "n",
                 "seeds",
             ],
@@ -253,7 +291,9 @@ class _BlockBuilder:
             if r.status != STATUS_OK:
                 texts.append(_marker(r.status))
             elif r.kind == KIND_OURS:
-                texts.append(_fmt_value(r.mean, r.std, int(r.n), show_n and not r.zero_shot))
+                texts.append(
+                    _fmt_value(r.mean, r.std, int(r.n), show_n and not r.zero_shot, (r.ci_low, r.ci_high))
+                )
             else:
                 texts.append(f"{r.mean:.1f}")
         data["text"] = texts
@@ -268,6 +308,13 @@ class _BlockBuilder:
             paper_table=paper_table,
             ablation_root=self.placement.paper_ablation_root,
         )
+        if self.intervals is not None:
+            legend.insert(
+                1,
+                f"[low, high] = {100 * self.intervals.level:g}% confidence interval of the seed mean: "
+                f"stratified bootstrap over test images ({self.intervals.n_resamples} resamples, seed "
+                f"{self.intervals.seed}; the same resamples for every seed and method of a target).",
+            )
         return Table(spec=spec, rows=rows, columns=columns, data=data, show_n=show_n, legend=legend)
 
 
@@ -278,6 +325,7 @@ def build_tables(
     ablation: bool = False,
     paper_yaml: Path | str | None = None,
     paper_targets: Mapping[str, str] | None = None,
+    intervals: IntervalSpec | None = None,
 ) -> list[TableBlock]:
     """Group, deduplicate and tabulate ``cells``: one :class:`TableBlock` per backbone group.
 
@@ -309,7 +357,7 @@ def build_tables(
         identity, source, eval_size = key
         kept, messages = dedupe_cells(groups[key])
         placement = Placement(kept, paper)
-        builder = _BlockBuilder(kept, paper, mapping, placement)
+        builder = _BlockBuilder(kept, paper, mapping, placement, key, intervals)
         if ablation:
             roots = placement.ablation_roots(c.method for c in kept)
             if not roots:

@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.errors import ConfigError
 from bench.results import CellRecord
-from bench.tables.builder import build_tables
+from bench.tables.builder import IntervalSpec, build_tables
 from bench.tables.placement import ablation_variants
 from bench.tables.render_csv import to_csv
 from bench.tables.render_latex import to_latex
@@ -32,6 +32,7 @@ def render_tables(
     paper_targets: Mapping[str, str] | None = None,
     width: int = 250,
     on_warning: Callable[[str], None] | None = None,
+    intervals: IntervalSpec | None = None,
 ) -> str:
     """Render the result tables of ``cells`` as ``fmt`` (rich, markdown, csv or latex).
 
@@ -43,7 +44,12 @@ def render_tables(
     if fmt not in FORMATS:
         raise ConfigError(f"unknown table format {fmt!r}; choose one of {', '.join(FORMATS)}")
     blocks = build_tables(
-        cells, compare=compare, ablation=ablation, paper_yaml=paper_yaml, paper_targets=paper_targets
+        cells,
+        compare=compare,
+        ablation=ablation,
+        paper_yaml=paper_yaml,
+        paper_targets=paper_targets,
+        intervals=intervals,
     )
     for block in blocks:
         for line in block.warnings:

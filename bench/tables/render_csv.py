@@ -39,6 +39,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     "status",
     "mean",
     "std",
+    "ci_low",
+    "ci_high",
     "n",
     "seeds",
     "text",

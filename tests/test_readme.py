@@ -103,7 +103,7 @@ def test_ci_script_is_executable_bash() -> None:
 
 
 def test_every_command_has_a_readme_section() -> None:
-    assert set(COMMANDS) == {"run", "table", "compare", "methods", "datasets", "phantom"}
+    assert set(COMMANDS) == {"run", "table", "compare", "figure", "methods", "datasets", "phantom"}
     assert set(SECTIONS) == set(COMMANDS)
     for leaf in LEAVES:
         if " " in leaf:  # a group's section names each of its subcommands

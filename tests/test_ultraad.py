@@ -305,19 +305,6 @@ def test_prediction_shapes_ranges_and_formulas(fitted: UltraAD, support: Support
     assert not np.allclose(prediction.maps[0], prediction.maps[1])
 
 
-def test_logits_are_the_memory_boosted_formula(fitted: UltraAD, support: SupportSet) -> None:
-    model = fitted.model
-    embeds, _ = fitted.features(support.items)
-    with torch.no_grad():
-        query = F.normalize(model.project_class_token(embeds), dim=-1)
-        expected = (
-            100.0 * query @ model.class_text.T
-            + 1.0 * torch.exp(-5.5 * (1 - query @ model.memory_keys.T)) @ model.memory_values
-        )
-    assert torch.allclose(fitted.outputs(support.items).logits, expected, atol=1e-4)
-    assert torch.equal(model.memory_values, F.one_hot(torch.as_tensor(support.labels), 3).float())
-
-
 def test_no_joint_variant_localises_only(backbone, support: SupportSet) -> None:
     method = make(UltraADNoJoint, backbone, epochs=2)
     method.fit(support)
@@ -353,6 +340,7 @@ def test_fit_trains_exactly_the_trainable_parts(backbone, support: SupportSet) -
         assert not torch.equal(parameter.detach(), initial[name]), f"{name} did not train"
     assert torch.equal(model.class_text, w_text) and torch.equal(model.class_text, initial["class_text"])
     assert torch.equal(model.memory_values, initial["memory_values"])
+    assert torch.equal(model.memory_values, F.one_hot(torch.as_tensor(support.labels), 3).float())
     for key, value in backbone.model.state_dict().items():
         assert torch.equal(value, frozen[key]), f"backbone {key} changed"
     assert all(p.grad is None and not p.requires_grad for p in backbone.model.parameters())
@@ -474,22 +462,79 @@ def test_it_learns_to_localise_a_visible_lesion(backbone) -> None:
     assert transfer >= 0.85, transfer
 
 
-def test_pif_on_all_layers_at_once(backbone, support: SupportSet) -> None:
-    method = make(UltraAD, backbone, pif_tokens="all-layers", epochs=2, **LIVE)
-    method.fit(support)
-    out = method.outputs(support.items[:3])
-    assert out.fused_layer_maps.shape == (3, len(backbone.layers), EVAL, EVAL)
-    prompts = out.prompts
-    fused = method.model.fused_text(prompts, method.model.adapters(method.features(support.items[:3])[1]))
-    assert fused.shape == (3, 2, backbone.embed_dim)  # one T' for every layer
+def test_pif_feeds_each_layer_its_own_tokens_or_all_layers_at_once(backbone, support: SupportSet) -> None:
+    """'per-layer': T'_l attends to layer l's adapted tokens only and drives layer l's map;
+    'all-layers': one T' from every layer's tokens (a set: layer order does not matter)."""
+    items = support.items[:2]
+    per_layer = make(UltraAD, backbone, pif_zero_init=False)
+    model = per_layer.init_model(support)  # random, non-zero attention: T' differs from the prototypes
+    embeds, tokens = per_layer.features(items)
+    with torch.no_grad():
+        out = model(embeds, tokens, backbone.grid[0])
+        adapted = model.adapters(tokens)
+        protos = model.prototypes(out.prompts)
+        fused = model.fused_text(out.prompts, adapted)
+        n_layers = adapted.shape[1]
+        assert fused.shape == (2, n_layers, 2, backbone.embed_dim)
+        for layer in range(n_layers):
+            own = model.pif(protos, adapted[:, layer])
+            torch.testing.assert_close(fused[:, layer], own)
+            assert not torch.allclose(own, protos, atol=1e-3)
+            # layer l's fused map = softmax(cos(P_l, T'_l) / tau)[abnormal] on the patch grid
+            cos = F.normalize(adapted[:, layer], dim=-1) @ F.normalize(own, dim=-1).transpose(1, 2)
+            probs = torch.softmax(cos / 0.07, dim=-1)[..., 1].reshape(2, *backbone.grid)
+            torch.testing.assert_close(out.fused_layer_maps[:, layer], probs)
+        changed = adapted.clone()
+        changed[:, 2] = changed[:, 2].flip(-1)
+        moved = model.fused_text(out.prompts, changed)
+        assert [not torch.allclose(moved[:, i], fused[:, i]) for i in range(n_layers)] == [
+            i == 2 for i in range(n_layers)
+        ]
+
+    all_layers = make(UltraAD, backbone, pif_tokens="all-layers", pif_zero_init=False)
+    model = all_layers.init_model(support)
+    with torch.no_grad():
+        out = model(embeds, tokens, backbone.grid[0])
+        adapted = model.adapters(tokens)
+        protos = model.prototypes(out.prompts)
+        fused = model.fused_text(out.prompts, adapted)
+        pooled = model.pif(protos, torch.cat([adapted[:, i] for i in range(n_layers)], dim=1))
+        torch.testing.assert_close(fused, pooled)
+        torch.testing.assert_close(model.fused_text(out.prompts, adapted.flip(1)), pooled)
+        assert not torch.allclose(fused, model.pif(protos, adapted[:, 0]), atol=1e-3)
+        for layer in range(n_layers):  # every layer's map uses the one T'
+            cos = F.normalize(adapted[:, layer], dim=-1) @ F.normalize(pooled, dim=-1).transpose(1, 2)
+            probs = torch.softmax(cos / 0.07, dim=-1)[..., 1].reshape(2, *backbone.grid)
+            torch.testing.assert_close(out.fused_layer_maps[:, layer], probs)
+        # one layer's tokens repeated L times weigh as they do once: the same T' as per layer
+        same = adapted[:, :1].expand(-1, n_layers, -1, -1)
+        torch.testing.assert_close(model.fused_text(out.prompts, same), model.pif(protos, adapted[:, 0]))
 
 
-def test_layers_option_selects_backbone_layers(backbone, support: SupportSet) -> None:
-    method = make(UltraAD, backbone, layers=[backbone.layers[-1], backbone.layers[1]], epochs=1)
-    method.fit(support)
-    assert method.layer_positions() == [1, len(backbone.layers) - 1]
-    out = method.outputs(support.items[:2])
-    assert out.layer_maps.shape[1] == 2 and len(method.model.adapters.linears) == 2
+def test_layers_option_uses_exactly_the_named_blocks(backbone, support: SupportSet) -> None:
+    """layers [3, 1] = the cached blocks 1 and 3 in block order, each with its own adapter."""
+    items = support.items[:3]
+    subset = make(UltraAD, backbone, layers=[backbone.layers[-1], backbone.layers[1]], pif_zero_init=False)
+    last = len(backbone.layers) - 1
+    assert subset.layer_positions() == [1, last]
+    cached = backbone.image_features(items).patch_tokens.float()
+    assert torch.equal(subset.features(items)[1], cached[:, [1, last]])
+    # the subset model with the full model's weights for blocks 1 and 3 gives the full model's layer maps
+    full = make(UltraAD, backbone, pif_zero_init=False)
+    full_model = full.init_model(support)
+    weights = {k: v for k, v in full_model.state_dict().items() if not k.startswith("adapters.")}
+    for mine, theirs in enumerate((1, last)):
+        for name in ("weight", "bias"):
+            weights[f"adapters.linears.{mine}.{name}"] = full_model.state_dict()[
+                f"adapters.linears.{theirs}.{name}"
+            ]
+    subset.init_model(support).load_state_dict(weights)
+    mine_out, full_out = subset.outputs(items), full.outputs(items)
+    assert mine_out.layer_maps.shape[1] == 2
+    torch.testing.assert_close(mine_out.layer_maps, full_out.layer_maps[:, [1, last]])
+    torch.testing.assert_close(mine_out.fused_layer_maps, full_out.fused_layer_maps[:, [1, last]])
+    torch.testing.assert_close(mine_out.map, full_out.layer_maps[:, [1, last]].mean(1))
+    torch.testing.assert_close(mine_out.logits, full_out.logits)  # the classifier does not use the layers
 
 
 # --------------------------------------------------------------------------- the grid

@@ -5,7 +5,7 @@ encoded once per *feature configuration* — (model, weights identity, input siz
 preprocessing id, layers, ...) — and read back from disk afterwards. Layout::
 
     <cache_dir>/<model>_<size>px_<hash12>/config.json     what the folder holds (readable)
-    <cache_dir>/<model>_<size>px_<hash12>/ab/<key>.npy     one fp16 1-D array per image key
+    <cache_dir>/<model>_<size>px_<hash12>/ab/<key>.feat    one fp16 vector per image key
 
 ``<hash12>`` is the SHA-256 of the canonical JSON of the configuration, so a different
 input size, layer set, weights file or preprocessing lands in a different folder and
@@ -13,12 +13,29 @@ never mixes with old entries. The image key is the content hash the data layer g
 (:attr:`bench.types.ImageItem.key`); ``ab`` is its first two characters (keeps folders
 small on big datasets).
 
-Writes are atomic (temporary file in the same folder, then :func:`os.replace`), so
-concurrent shards on a shared filesystem and interrupted runs never leave a half-written
-entry under the final name. Reads use ``np.load(mmap_mode="r")``. An entry that cannot be
-read, has the wrong dtype or length, or holds non-finite values is treated as a miss:
-the caller recomputes and overwrites it, and it is counted in :attr:`CacheStats.corrupt`
-and logged.
+Entry format (version :data:`CACHE_FORMAT_VERSION`; all integers little-endian)::
+
+    magic b"UADFEAT\\n" | format version u32 | header size u32 | dtype b"<f2" (8 bytes)
+    | number of values u64 | key length u32 | key (UTF-8) | zero padding | SHA-256 (32 bytes)
+    | payload: the fp16 values
+
+The header is padded to a multiple of 64 bytes; the SHA-256 covers everything before it
+(header fields, key, padding) and the payload. A read is one ``read`` of the file plus
+one hash, and checks every field: an entry that is truncated, has extra bytes, a damaged
+header or payload, another format version, dtype or length, or that belongs to another key
+(e.g. a file copied under the wrong name) is *corrupt*: it is treated as a miss, recomputed
+and overwritten, counted in :attr:`CacheStats.corrupt`, logged (INFO, one line per entry)
+and reported with one WARNING line per cache folder. Version 1 folders (``.npy`` entries
+without checksums) are never read: the format version is part of every folder's hash, so
+they are simply unused and can be deleted.
+
+Writes are atomic (:func:`bench.fileio.atomic_write_bytes`: temporary file in the same
+folder, then :func:`os.replace`), so concurrent shards on a shared filesystem and
+interrupted runs never leave a half-written entry under the final name; files get the
+user's umask (not ``mkstemp``'s 0600), so a group can share a cache. Entries are not
+fsynced: one lost in a crash fails its checksum and is recomputed. A folder that cannot be
+written (read-only, disk full) gives one WARNING naming the folder and the fix; the run then
+continues uncached (features are computed in memory and returned).
 
 fp16 storage halves the disk footprint. Raw residual-stream tokens of real CLIP models
 reach a few hundred in magnitude (fp16 max is 65504), so nothing plausible overflows;
@@ -27,12 +44,13 @@ reach a few hundred in magnitude (fp16 max is 65504), so nothing plausible overf
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,18 +59,33 @@ from typing import Any
 import numpy as np
 
 from bench.errors import BackboneError
+from bench.fileio import atomic_write_bytes
 from bench.types import ImageItem
 
 log = logging.getLogger(__name__)
 
-#: Bumped when the on-disk layout changes (part of every folder's hash).
-CACHE_FORMAT_VERSION = 1
+#: Bumped when the on-disk layout changes (part of every folder's hash, so older folders are unused).
+CACHE_FORMAT_VERSION = 2
 #: Largest finite float16 value.
 FP16_MAX = float(np.finfo(np.float16).max)
 CONFIG_FILE = "config.json"
+#: File name suffix of one cached entry.
+ENTRY_SUFFIX = ".feat"
+#: First bytes of every entry file.
+ENTRY_MAGIC = b"UADFEAT\n"
+
+_DTYPE = np.dtype("<f2")
+_DTYPE_TAG = _DTYPE.str.encode("ascii")
+# magic, format version, header size, dtype, number of values, key length
+_HEADER = struct.Struct("<8sII8sQI")
+_DIGEST_SIZE = hashlib.sha256().digest_size
+_HEADER_ALIGN = 64
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+#: errno values of a full disk and of a folder one may not write to (each gets its own fix).
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def default_cache_dir() -> Path:
@@ -86,6 +119,74 @@ def to_fp16(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float16)
 
 
+# ---------------------------------------------------------------------------------------
+# entry format
+# ---------------------------------------------------------------------------------------
+def _header_size(key_bytes: int) -> int:
+    unpadded = _HEADER.size + key_bytes + _DIGEST_SIZE
+    return -(-unpadded // _HEADER_ALIGN) * _HEADER_ALIGN
+
+
+def encode_entry(key: str, values: np.ndarray) -> bytearray:
+    """The bytes of one cache entry: header (with ``key``), SHA-256, then ``values`` (fp16, 1-D)."""
+    payload = np.ascontiguousarray(values, dtype=_DTYPE).reshape(-1)
+    key_bytes = key.encode("utf-8")
+    size = _header_size(len(key_bytes))
+    entry = bytearray(size + payload.nbytes)
+    _HEADER.pack_into(
+        entry, 0, ENTRY_MAGIC, CACHE_FORMAT_VERSION, size, _DTYPE_TAG, payload.size, len(key_bytes)
+    )
+    entry[_HEADER.size : _HEADER.size + len(key_bytes)] = key_bytes
+    view = memoryview(entry)
+    view[size:] = payload.view(np.uint8)
+    digest = hashlib.sha256(view[: size - _DIGEST_SIZE])
+    digest.update(view[size:])
+    view[size - _DIGEST_SIZE : size] = digest.digest()
+    return entry
+
+
+class CorruptEntryError(ValueError):
+    """A cache entry's bytes are not a valid entry for the expected key and length."""
+
+
+def decode_entry(data: bytes | bytearray, key: str, length: int) -> np.ndarray:
+    """The fp16 values of an entry (a read-only view of ``data``), after checking every field.
+
+    Raises :class:`CorruptEntryError` saying what is wrong.
+    """
+    if len(data) < _HEADER.size:
+        raise CorruptEntryError(f"truncated header ({len(data)} bytes)")
+    magic, version, size, dtype, count, key_length = _HEADER.unpack_from(data)
+    if magic != ENTRY_MAGIC:
+        raise CorruptEntryError("not a feature-cache entry (bad magic bytes)")
+    if version != CACHE_FORMAT_VERSION:
+        raise CorruptEntryError(f"format version {version}, expected {CACHE_FORMAT_VERSION}")
+    if size != _header_size(key_length):
+        raise CorruptEntryError(f"damaged header (header size {size} for a {key_length}-byte key)")
+    if dtype != _DTYPE_TAG.ljust(8, b"\0"):
+        raise CorruptEntryError(f"dtype {dtype.rstrip(bytes(1))!r}, expected {_DTYPE_TAG!r}")
+    if count != length:
+        raise CorruptEntryError(f"holds {count} values, expected {length}")
+    expected_bytes = size + count * _DTYPE.itemsize
+    if len(data) != expected_bytes:
+        what = "truncated" if len(data) < expected_bytes else "trailing bytes"
+        raise CorruptEntryError(f"{what}: {len(data)} bytes, expected {expected_bytes}")
+    view = memoryview(data)
+    digest = hashlib.sha256(view[: size - _DIGEST_SIZE])
+    digest.update(view[size:])
+    if digest.digest() != data[size - _DIGEST_SIZE : size]:
+        raise CorruptEntryError("checksum mismatch (damaged bytes)")
+    stored_key = data[_HEADER.size : _HEADER.size + key_length].decode("utf-8", errors="replace")
+    if stored_key != key:
+        raise CorruptEntryError(f"holds the entry of another key ({stored_key!r})")
+    values = np.frombuffer(data, dtype=_DTYPE, count=count, offset=size)
+    values.flags.writeable = False
+    return values
+
+
+# ---------------------------------------------------------------------------------------
+# the cache
+# ---------------------------------------------------------------------------------------
 @dataclass
 class CacheStats:
     """Counters since the cache object was created.
@@ -122,89 +223,123 @@ class FeatureCache:
         self.folder = self.root / f"{label}_{self.hash[:12]}"
         self._stats = CacheStats()
         self._config_written = False
+        #: False once a write failed: the rest of the run computes without caching.
+        self.writable = True
+        self._corrupt_reported = 0
+        self._first_corrupt = ""
+        self._deferring_reports = False
 
     # -- paths --------------------------------------------------------------------------
     @staticmethod
     def file_stem(key: str) -> str:
-        """The file name (without ``.npy``) for an image key; unsafe keys are hashed."""
+        """The file name (without suffix) for an image key; unsafe keys are hashed."""
         if _SAFE_KEY.fullmatch(key):
             return key
         return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
     def path_for(self, key: str) -> Path:
+        """Where the entry of ``key`` lives (whether or not it exists)."""
         stem = self.file_stem(key)
-        return self.folder / stem[:2] / f"{stem}.npy"
+        return self.folder / stem[:2] / f"{stem}{ENTRY_SUFFIX}"
 
     # -- reads --------------------------------------------------------------------------
     def get(self, key: str) -> np.ndarray | None:
-        """The cached vector (a read-only memory map, float16, shape ``(length,)``) or None."""
+        """The cached vector (read-only, float16, shape ``(length,)``) or None (missing or corrupt)."""
         path = self.path_for(key)
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            with open(path, "rb", buffering=0) as handle:
+                data = handle.read()
         except FileNotFoundError:
             self._stats.misses += 1
             return None
-        except (OSError, ValueError, EOFError) as exc:
-            return self._corrupt(key, path, f"unreadable ({exc})")
-        if array.dtype != np.float16 or array.shape != (self.length,):
-            return self._corrupt(
-                key, path, f"dtype {array.dtype} shape {array.shape}, expected float16 ({self.length},)"
-            )
-        if not np.isfinite(array).all():
-            return self._corrupt(key, path, "non-finite values")
+        except OSError as exc:
+            return self._corrupt(key, path, f"unreadable ({exc.strerror or exc})")
+        try:
+            values = decode_entry(data, key, self.length)
+        except CorruptEntryError as exc:
+            return self._corrupt(key, path, str(exc))
         self._stats.hits += 1
-        return array
+        return values
 
     def __contains__(self, key: str) -> bool:
+        """Whether an entry file exists for ``key`` (not verified; :meth:`get` verifies)."""
         return self.path_for(key).is_file()
 
     def _corrupt(self, key: str, path: Path, why: str) -> None:
         self._stats.misses += 1
         self._stats.corrupt += 1
         self._stats.corrupt_keys.append(key)
-        log.warning("feature cache entry %s is corrupt (%s); recomputing it", path, why)
+        self._first_corrupt = self._first_corrupt or f"{path.relative_to(self.folder)}: {why}"
+        log.info("feature cache entry %s is corrupt (%s); recomputing it", path, why)
+        if not self._deferring_reports:
+            self._report_corrupt()
         return None
+
+    def _report_corrupt(self) -> None:
+        """One WARNING per folder (how many entries were corrupt, the first one); later finds at INFO."""
+        new = self._stats.corrupt - self._corrupt_reported
+        if new <= 0:
+            return
+        if self._corrupt_reported == 0:
+            log.warning(
+                "feature cache %s: %d corrupt entr%s (first: %s), recomputed and overwritten; further "
+                "corrupt entries in this folder are logged at INFO level and counted in the cache stats",
+                self.folder,
+                new,
+                "y" if new == 1 else "ies",
+                self._first_corrupt,
+            )
+        else:
+            log.info("feature cache %s: %d more corrupt entries recomputed", self.folder, new)
+        self._corrupt_reported = self._stats.corrupt
 
     # -- writes -------------------------------------------------------------------------
     def put(self, key: str, values: np.ndarray) -> np.ndarray:
         """Store ``values`` (cast to fp16, must have ``length`` elements) atomically.
 
-        Returns the stored fp16 array, so callers hand out exactly what later hits read.
+        Returns the stored fp16 array, so callers hand out exactly what later hits read. When
+        the folder cannot be written, warns once and returns the array without storing it.
         """
         stored = np.ascontiguousarray(to_fp16(np.asarray(values).reshape(-1)))
         if stored.shape != (self.length,):
             raise ValueError(f"feature vector has {stored.size} values, this cache stores {self.length}")
-        self._write_config()
-        path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        if not self.writable:
+            return stored
         try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, stored, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            self._write_config()
+            atomic_write_bytes(self.path_for(key), encode_entry(key, stored), fsync=False)
+        except OSError as exc:
+            self._stop_writing(exc)
+            return stored
         self._stats.writes += 1
         return stored
+
+    def _stop_writing(self, exc: OSError) -> None:
+        self.writable = False
+        where = exc.filename2 or exc.filename  # os.replace: the destination, not the temporary file
+        reason = f"{exc.strerror or exc}" + (f": {where}" if where else "")
+        elsewhere = "or point --cache-dir (or BENCH_CACHE_DIR) at another folder"
+        if exc.errno in _NO_SPACE:
+            fix = f"free disk space there {elsewhere}"
+        elif exc.errno in _NO_PERMISSION:
+            fix = f"make it writable (chmod/chown) {elsewhere}"
+        else:
+            fix = f"check that the folder can be written {elsewhere}"
+        log.warning(
+            "feature cache folder %s cannot be written (%s); this run continues WITHOUT caching these "
+            "features (computed in memory, recomputed next run). Fix: %s.",
+            self.folder,
+            reason,
+            fix,
+        )
 
     def _write_config(self) -> None:
         if self._config_written:
             return
         target = self.folder / CONFIG_FILE
         if not target.is_file():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            payload = (
-                json.dumps({**self.config, "hash": self.hash}, indent=2, sort_keys=True, default=str) + "\n"
-            )
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".config.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    handle.write(payload)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            payload = json.dumps({**self.config, "hash": self.hash}, indent=2, sort_keys=True, default=str)
+            atomic_write_bytes(target, (payload + "\n").encode("utf-8"), fsync=False)
         self._config_written = True
 
     def rows(
@@ -218,14 +353,19 @@ class FeatureCache:
         ``compute`` (a list of items -> array with one row each) in batches and stored."""
         rows: dict[str, np.ndarray] = {}
         todo: dict[str, ImageItem] = {}
-        for item in items:
-            if item.key in rows or item.key in todo:
-                continue
-            cached = self.get(item.key)
-            if cached is None:
-                todo[item.key] = item
-            else:
-                rows[item.key] = cached
+        self._deferring_reports = True  # one summary line for the whole lookup, not one per entry
+        try:
+            for item in items:
+                if item.key in rows or item.key in todo:
+                    continue
+                cached = self.get(item.key)
+                if cached is None:
+                    todo[item.key] = item
+                else:
+                    rows[item.key] = cached
+        finally:
+            self._deferring_reports = False
+            self._report_corrupt()
         pending = list(todo.values())
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]

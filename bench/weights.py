@@ -14,16 +14,27 @@ local open_clip / Hugging Face caches first; without network (or with
 :class:`~bench.errors.BackboneError` that says how to supply it. A tag trained with
 QuickGELU on an architecture name that builds GELU (e.g. ``openai`` on ``ViT-L-14-336``) is
 refused with the ``-quickgelu`` name to use instead.
+
+Checkpoints are read as open_clip reads them (``torch.load(weights_only=True)``, or
+safetensors). A file that is corrupt, truncated, not a checkpoint at all, or that holds
+pickled Python objects besides tensors (refused: unpickling them can run arbitrary code)
+fails with a :class:`~bench.errors.BackboneError` naming the file and the fix (re-download
+it, or check the path). Loading is never retried with ``weights_only=False``, and torch's
+advice to do so is never passed on.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import ssl
+import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -327,7 +338,14 @@ def _resolve_weights(spec: BackboneSpec, model_cfg: dict[str, Any]) -> _Weights:
 
     path = Path(pretrained).expanduser()
     if path.is_file():
-        return _Weights(f"file:{path.name}:{_sha256_prefix(path)}", str(path), {})
+        try:
+            digest = _sha256_prefix(path)
+        except OSError as exc:
+            raise BackboneError(
+                f"checkpoint file {path} cannot be read ({exc.strerror or exc}); check its permissions, "
+                "or that --pretrained points to the right file"
+            ) from exc
+        return _Weights(f"file:{path.name}:{digest}", str(path), {})
     if path.exists():
         raise BackboneError(
             f"--pretrained {pretrained} is a directory, not a checkpoint file. " + weights_help(model, None)
@@ -380,6 +398,79 @@ class _DropRandomInitWarning(logging.Filter):
         return "initialized randomly" not in record.getMessage()
 
 
+def _raised_reading_checkpoint(exc: BaseException) -> bool:
+    """Whether ``exc`` came from reading the checkpoint file (open_clip's ``load_state_dict``:
+    ``torch.load`` or safetensors) rather than from fitting its tensors to the architecture."""
+    reader = open_clip.factory.load_state_dict.__code__
+    return any(frame.f_code is reader for frame, _ in traceback.walk_tb(exc.__traceback__))
+
+
+def _raised_in_reader_itself(exc: BaseException) -> bool:
+    """The innermost frame is open_clip's ``load_state_dict``: the file was read, but its
+    content is not a mapping of names to tensors (e.g. a pickled tensor or an empty dict)."""
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    return bool(frames) and frames[-1][0].f_code is open_clip.factory.load_state_dict.__code__
+
+
+def _suggests_unsafe_loading(exc: BaseException) -> bool:
+    return "weights_only" in str(exc)
+
+
+#: torch's name for a global that ``weights_only`` unpickling refuses.
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+#: The part of torch's ``weights_only`` message that says what is wrong with the file.
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.+)")
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: first sentence of the message``, shortened, never with torch's unsafe-loading advice."""
+    if _suggests_unsafe_loading(exc):
+        detail = _UNPICKLER_DETAIL.search(str(exc))
+        text = detail.group(1).strip() if detail else ""
+    else:
+        text = str(exc).strip()
+    first_sentence = text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
+    if not first_sentence and isinstance(exc, EOFError):
+        first_sentence = "the file ends early"
+    if len(first_sentence) > 200:
+        first_sentence = first_sentence[:197] + "..."
+    return f"{type(exc).__name__}: {first_sentence}" if first_sentence else type(exc).__name__
+
+
+def _unreadable_checkpoint(weights: _Weights, exc: BaseException) -> BackboneError:
+    """The error for a checkpoint file that torch / safetensors cannot read."""
+    path = weights.checkpoint
+    if weights.identity.startswith("file:"):
+        fix = (
+            "re-download it, or check that --pretrained points to the right file (an open_clip state "
+            "dict: .bin/.pt/.pth/.safetensors)"
+        )
+    else:
+        fix = (
+            f"it is the downloaded copy of the {weights.identity} weights: delete it and run again to "
+            "re-download it"
+        )
+    refused = _REFUSED_GLOBAL.search(str(exc))
+    if isinstance(exc, pickle.UnpicklingError) and refused:
+        why = (
+            f"it holds pickled Python objects besides tensors ({refused.group(1)}), which are refused "
+            "because unpickling them can run arbitrary code; it is probably a training checkpoint or a "
+            "pickled model rather than a state dict"
+        )
+        fix = (
+            "export only the weights (a state dict of tensors, or .safetensors) where the checkpoint was "
+            f"made; otherwise {fix}"
+        )
+    elif isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+        why = f"it cannot be opened ({exc.strerror})"
+        fix = f"check its permissions; otherwise {fix}"
+    elif isinstance(exc, (AttributeError, StopIteration, TypeError)) and _raised_in_reader_itself(exc):
+        why = "it does not hold a state dict (a mapping of parameter names to tensors)"
+    else:
+        why = f"it is corrupt, truncated or not a PyTorch/safetensors checkpoint ({_describe(exc)})"
+    return BackboneError(f"checkpoint file {path} cannot be read: {why}. Fix: {fix}.")
+
+
 def load_backbone(spec: BackboneSpec) -> Backbone:
     """Build the frozen backbone described by ``spec`` (fails fast with a BackboneError)."""
     if spec.model.startswith(("hf-hub:", "local-dir:")):
@@ -422,10 +513,15 @@ def load_backbone(spec: BackboneSpec) -> Backbone:
     except BackboneError:
         raise
     except Exception as exc:
+        # torch's messages advise weights_only=False (unsafe); such a message is never chained
+        cause = None if _suggests_unsafe_loading(exc) else exc
+        if weights.checkpoint is not None and _raised_reading_checkpoint(exc):
+            raise _unreadable_checkpoint(weights, exc) from cause
+        detail = _describe(exc) if cause is None else f"{type(exc).__name__}: {exc}"
         raise BackboneError(
-            f"cannot build {spec.model} with weights {weights.identity} ({type(exc).__name__}: {exc}); "
+            f"cannot build {spec.model} with weights {weights.identity} ({detail}); "
             "a checkpoint must be an open_clip state dict for exactly this architecture"
-        ) from exc
+        ) from cause
     finally:
         if quiet is not None:
             root.removeFilter(quiet)

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import bench.fileio as fileio
 import bench.weights as weights_module
 from bench.errors import BackboneError
-from bench.feature_cache import FeatureCache, FeatureOverflowError, to_fp16
+from bench.feature_cache import (
+    ENTRY_MAGIC,
+    ENTRY_SUFFIX,
+    FeatureCache,
+    FeatureOverflowError,
+    encode_entry,
+    to_fp16,
+)
 from bench.kit.clip import default_layers
 from bench.kit.requests import FeatureRequest, Features
 from bench.kit.variants import get_variant
@@ -223,43 +234,82 @@ def test_cache_folders_depend_on_config(tmp_path: Path) -> None:
     assert config["preprocessing"] == b.preprocessing_id and config["layers"] == [0, 1, 2, 3]
 
 
-def test_cache_files_are_fp16_memmaps(tmp_path: Path) -> None:
+def test_cache_files_are_checked_fp16_entries(tmp_path: Path) -> None:
     bb = tiny(tmp_path)
     item = make_items(1, seed=9)[0]
-    bb.image_features([item])
+    fresh = bb.image_features([item])
     path = bb.cache.path_for(item.key)
-    assert path.is_file() and path.suffix == ".npy"
-    stored = np.load(path)
-    assert stored.dtype == np.float16 and stored.shape == (bb.cache.length,)
-    assert isinstance(bb.cache.get(item.key), np.memmap)
+    assert path.is_file() and path.suffix == ENTRY_SUFFIX
+    assert path.read_bytes().startswith(ENTRY_MAGIC)
+    stored = bb.cache.get(item.key)
+    assert stored is not None and stored.dtype == np.float16 and stored.shape == (bb.cache.length,)
+    assert not stored.flags.writeable
     assert not list(path.parent.glob("*.tmp"))
+    assert torch.equal(tiny(tmp_path).image_features([item]).patch_tokens, fresh.patch_tokens)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncate", "wrong_shape", "nan"])
+def _overwrite(path: Path, start: int, junk: bytes) -> None:
+    data = bytearray(path.read_bytes())
+    data[start : start + len(junk)] = junk
+    path.write_bytes(bytes(data))
+
+
+def _set_last_value_to_nan(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-2:] = np.array([np.nan], dtype="<f2").tobytes()  # the checksum is left as it was
+    path.write_bytes(bytes(data))
+
+
+#: name -> damage(entry path, the cache, the entry of another image)
+CACHE_DAMAGES = {
+    "garbage": lambda path, cache, other: path.write_bytes(b"not a cache entry"),
+    "truncate": lambda path, cache, other: path.write_bytes(path.read_bytes()[:200]),
+    "wrong_length": lambda path, cache, other: path.write_bytes(
+        encode_entry(path.stem, np.zeros(10, dtype=np.float16))
+    ),
+    "nan": lambda path, cache, other: _set_last_value_to_nan(path),
+    "damaged_header": lambda path, cache, other: _overwrite(path, 10, b"(((("),
+    "other_image": lambda path, cache, other: path.write_bytes(other.read_bytes()),
+}
+
+
+@pytest.mark.parametrize("damage", list(CACHE_DAMAGES))
 def test_corrupt_cache_entry_is_recomputed(tmp_path: Path, damage: str) -> None:
     bb = tiny(tmp_path)
-    item = make_items(1, seed=10)[0]
-    good = bb.image_features([item])
-    path = bb.cache.path_for(item.key)
-    if damage == "garbage":
-        path.write_bytes(b"not a numpy file")
-    elif damage == "truncate":
-        path.write_bytes(path.read_bytes()[:200])
-    elif damage == "wrong_shape":
-        np.save(path, np.zeros(10, dtype=np.float16))
-    else:
-        values = np.load(path)
-        values[5] = np.nan
-        np.save(path, values)
+    item, other = make_items(2, seed=10)
+    good = bb.image_features([item, other])
+    CACHE_DAMAGES[damage](bb.cache.path_for(item.key), bb.cache, bb.cache.path_for(other.key))
     again = tiny(tmp_path)
     feats = again.image_features([item])
     assert again.n_encoded == 1
     stats = again.cache_stats()
     assert stats.corrupt == 1 and stats.misses == 1 and stats.corrupt_keys == [item.key]
-    assert torch.equal(feats.patch_tokens, good.patch_tokens)
+    assert torch.equal(feats.patch_tokens, good.patch_tokens[:1])
     third = tiny(tmp_path)
     third.image_features([item])
     assert third.n_encoded == 0 and third.cache_hits == 1
+
+
+def test_full_disk_leaves_the_run_uncached_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = make_items(3, seed=15)
+    expected = tiny(tmp_path / "roomy").image_features(items)
+
+    def no_space(fd: int, payload: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio, "_write_all", no_space)
+    bb = tiny(tmp_path / "full", batch_size=2)
+    with caplog.at_level("WARNING", logger="bench.feature_cache"):
+        first = bb.image_features(items)
+        second = bb.image_features(items)
+    assert torch.equal(first.patch_tokens, expected.patch_tokens)
+    assert torch.equal(second.embeds, expected.embeds)
+    assert bb.n_encoded == 6 and bb.cache_stats().writes == 0  # nothing was stored: encoded twice
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert str(bb.cache.folder) in warning and "free disk space" in warning
+    assert not [p for p in (tmp_path / "full").rglob("*") if p.is_file()]
 
 
 def test_fp16_overflow_is_refused(tmp_path: Path) -> None:
@@ -421,6 +471,98 @@ def test_local_checkpoint_loads_with_file_identity(tmp_path: Path, backbone) -> 
     torch.save({"visual.proj": torch.zeros(3, 3)}, wrong)
     with pytest.raises(BackboneError, match="state dict"):
         load_backbone(BackboneSpec(TINY, str(wrong), cache_dir=tmp_path / "cache", device="cpu"))
+
+
+def _truncated(path: Path, state_dict: dict) -> None:
+    torch.save(state_dict, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _truncated_safetensors(path: Path, state_dict: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({name: tensor.contiguous() for name, tensor in state_dict.items()}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+#: name -> (file name, write(path, a real state dict), words the error must contain)
+BAD_CHECKPOINTS = {
+    "random-bytes": (
+        "weights.pt",
+        lambda path, sd: path.write_bytes(np.random.default_rng(0).bytes(4096)),
+        ["corrupt, truncated"],
+    ),
+    "truncated": ("weights.pt", _truncated, ["corrupt, truncated"]),
+    "text-file": (
+        "weights.bin",
+        lambda path, sd: path.write_text("<html>404 Not Found</html>\n"),
+        ["corrupt"],
+    ),
+    "empty-file": ("weights.pth", lambda path, sd: path.write_bytes(b""), ["corrupt"]),
+    "truncated-safetensors": ("weights.safetensors", _truncated_safetensors, ["corrupt, truncated"]),
+    "training-checkpoint": (  # Python objects that weights_only unpickling refuses
+        "checkpoint.pt",
+        lambda path, sd: torch.save({"args": argparse.Namespace(lr=1e-3), "state_dict": sd}, path),
+        ["argparse.Namespace", "arbitrary code", "state dict"],
+    ),
+    "not-a-state-dict": ("weights.pt", lambda path, sd: torch.save(torch.zeros(3), path), ["state dict"]),
+}
+
+
+def assert_safe_checkpoint_error(error: BackboneError) -> None:
+    """Never pass on torch's advice to load with weights_only=False, not even in the chained cause."""
+    shown: BaseException | None = error
+    while shown is not None:  # every exception a traceback of ``error`` would print
+        assert "weights_only" not in str(shown)
+        shown = shown.__cause__ or (None if shown.__suppress_context__ else shown.__context__)
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_unreadable_checkpoint_names_the_file_and_the_fix(tmp_path: Path, backbone, case: str) -> None:
+    name, write, words = BAD_CHECKPOINTS[case]
+    checkpoint = tmp_path / name
+    write(checkpoint, backbone.model.state_dict())
+    with pytest.raises(BackboneError) as info:
+        load_backbone(BackboneSpec(TINY, str(checkpoint), cache_dir=tmp_path / "cache", device="cpu"))
+    message = str(info.value)
+    assert f"checkpoint file {checkpoint} cannot be read" in message
+    assert "re-download it" in message and "check that --pretrained points to the right file" in message
+    for word in words:
+        assert word in message
+    assert_safe_checkpoint_error(info.value)
+
+
+def test_corrupt_cached_download_says_to_delete_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backbone
+) -> None:
+    import huggingface_hub.constants
+    import open_clip
+
+    hf_cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_cache))
+    fake_hf_repo(hf_cache, "org/tiny", backbone.model.state_dict(), open_clip.get_model_config(TINY))
+    (weights_file,) = hf_cache.rglob("open_clip_pytorch_model.bin")
+    _truncated(weights_file, backbone.model.state_dict())
+    with pytest.raises(BackboneError) as info:
+        load_backbone(BackboneSpec(TINY, "hf-hub:org/tiny", cache_dir=tmp_path / "cache", device="cpu"))
+    message = str(info.value)
+    assert f"checkpoint file {weights_file} cannot be read" in message
+    assert "hf-hub:org/tiny" in message and "delete it and run again to re-download it" in message
+    assert_safe_checkpoint_error(info.value)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
+def test_checkpoint_without_read_permission_names_the_file(tmp_path: Path, backbone) -> None:
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(backbone.model.state_dict(), checkpoint)
+    checkpoint.chmod(0o000)
+    try:
+        with pytest.raises(BackboneError, match="check its permissions") as info:
+            load_backbone(BackboneSpec(TINY, str(checkpoint), cache_dir=tmp_path / "cache", device="cpu"))
+    finally:
+        checkpoint.chmod(0o600)
+    assert str(checkpoint) in str(info.value)
 
 
 def fake_hf_repo(cache: Path, repo: str, state_dict: dict, model_cfg: dict) -> None:

@@ -35,6 +35,7 @@ from bench.breakdown import cell_metrics, whole_evaluations
 from bench.config import RunConfig, load_config, shard_index
 from bench.data import resolve_dataset, sample_support
 from bench.errors import BenchError, ConfigError, DatasetError, MethodError
+from bench.feature_cache import ENTRY_SUFFIX
 from bench.method import Method, Prediction, SupportSet
 from bench.registry import available_methods
 from bench.results import METRIC_KEYS, MethodMeta, load_cells, task_metrics
@@ -285,7 +286,7 @@ def test_each_image_goes_through_the_backbone_once(full_grid: GridRun) -> None:
     assert full_grid.summary.images_encoded == expected
     assert full_grid.summary.cache_misses == expected
     assert full_grid.summary.cache_hits > 0  # zeroshot re-reads what proto-test encoded
-    stored = [p for p in full_grid.cache.rglob("*.npy")]
+    stored = [p for p in full_grid.cache.rglob(f"*{ENTRY_SUFFIX}")]
     assert len(stored) == expected
 
 

@@ -147,8 +147,11 @@ def subgroup_evaluations(cells: Iterable[CellRecord], column: str) -> tuple[list
             f"no stored cell has an images.csv column {column!r}; "
             f"columns present: {', '.join(known) or 'none'}"
         )
+    missing: dict[str, int] = {}
     for stored in without_column:
-        notes[f"{stored.describe()}: no column {column!r} in its images.csv, left out"] = None
+        missing[stored.record.target] = missing.get(stored.record.target, 0) + 1
+    for target, n in sorted(missing.items()):
+        notes[f"target {target}: its images have no column {column!r}; its {n} cell(s) are left out"] = None
     return out, list(notes)
 
 

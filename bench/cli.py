@@ -10,9 +10,11 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from bench.cli_support import console, err_console, friendly_errors
+from bench.cli_support import console, err_console, friendly_errors, print_table
 from bench.errors import BenchError
+from bench.figures.cli import figure_app
 
 app = typer.Typer(
     help="ultraad-bench: few-shot CLIP anomaly detection benchmarks for breast ultrasound.",
@@ -355,8 +357,6 @@ def compare_command(
                 ]
             )
         return
-    from rich.text import Text
-
     title = f"{method_a} vs {method_b} (values in %, differences A - B; {resamples} bootstrap resamples)"
     table = Table(
         title=Text(title),
@@ -382,7 +382,7 @@ def compare_command(
                 style="bold red",
             )
         )
-    console.print(table)
+    print_table(console, table)
 
 
 @app.command("methods")
@@ -396,17 +396,17 @@ def methods_command(
     from bench.types import Task
 
     table = Table(title="methods")
-    table.add_column("name", style="bold")
+    table.add_column("name", style="bold", no_wrap=True)
     for task in Task:
-        table.add_column(str(task), justify="center")
-    table.add_column("support")
-    table.add_column("description")
+        table.add_column(str(task), justify="center", no_wrap=True)
+    table.add_column("support", no_wrap=True)
+    table.add_column("description", overflow="fold")
     methods = sorted(available_methods().items())
     for name, cls in methods:
         row = [name, *("yes" if t in cls.tasks else "-" for t in Task)]
         row += ["few-shot" if cls.uses_support else "zero-shot", cls.description]
-        table.add_row(*row)
-    console.print(table)
+        table.add_row(*(Text(cell) for cell in row))
+    print_table(console, table)
     if verbose:
         for name, cls in methods:
             console.print(f"\n[bold]{escape(name)}[/] options (method_config: {{{escape(name)}: {{...}}}}):")
@@ -440,11 +440,11 @@ def datasets_command(
         table.add_column("expected path", overflow="fold")
         table.add_column("present", no_wrap=True)
         for key, rel in NAMED_DATASETS.items():
-            table.add_row(key, escape(str(root / rel)), "yes" if (root / rel).exists() else "no")
+            table.add_row(Text(key), Text(str(root / rel)), "yes" if (root / rel).exists() else "no")
         for key in dataset_names():
             if key not in NAMED_DATASETS:
-                table.add_row(f"{key}[:<device>]", "(generated, no files needed)", "yes")
-        console.print(table)
+                table.add_row(Text(f"{key}[:<device>]"), "(generated, no files needed)", "yes")
+        print_table(console, table)
         console.print("Describe one with `bench datasets NAME` (or a path to a manifest or folder).")
         return
     data = resolve_dataset(dataset, root)
@@ -453,17 +453,17 @@ def datasets_command(
     table.add_column("quantity", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
     for key, value in summary.rows():
-        table.add_row(escape(str(key)), escape(str(value)))
-    console.print(table)
+        table.add_row(Text(str(key)), Text(str(value)))
+    print_table(console, table)
     if by is not None:
         from bench.data.summary import metadata_count_header, metadata_count_rows, metadata_counts
 
         counts = Table(title=escape(f"{summary.name}: images per class and {by}"))
         for i, heading in enumerate(metadata_count_header(by)):
-            counts.add_column(escape(heading), justify="left" if i == 0 else "right", overflow="fold")
+            counts.add_column(Text(heading), justify="left" if i == 0 else "right", no_wrap=True)
         for row in metadata_count_rows(metadata_counts(data, by)):
-            counts.add_row(*(escape(cell) for cell in row))
-        console.print(counts)
+            counts.add_row(*(Text(cell) for cell in row))
+        print_table(console, counts)
     problems = list(summary.problems)
     if deep:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -489,6 +489,8 @@ def datasets_command(
         console.print("no problems found" + (" (every image and mask decoded)" if deep else ""))
 
 
+app.add_typer(figure_app, name="figure")
+
 phantom_app = typer.Typer(
     help="The built-in B-mode breast-ultrasound phantom (default dataset).", no_args_is_help=True
 )
@@ -502,21 +504,21 @@ def phantom_devices() -> None:
     from bench.phantom import DEVICES
 
     table = Table(title="simulated devices (use as phantom:<name>)")
-    table.add_column("name", style="bold")
-    table.add_column("geometry")
-    table.add_column("image (W x H)")
-    table.add_column("centre frequency")
-    table.add_column("description")
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("geometry", no_wrap=True)
+    table.add_column("image (W x H)", no_wrap=True)
+    table.add_column("centre frequency", no_wrap=True)
+    table.add_column("description", overflow="fold")
     for name, device in DEVICES.items():
         width, height = device.image_size
         table.add_row(
-            name,
-            device.geometry,
+            Text(name),
+            Text(device.geometry),
             f"{width} x {height}",
             f"{device.frequency_mhz:g} MHz",
-            escape(device.description),
+            Text(device.description),
         )
-    console.print(table)
+    print_table(console, table)
 
 
 @phantom_app.command("export")

@@ -123,8 +123,9 @@ def test_run_then_table_in_every_format(
     assert "done: 4 cells computed, 0 already finished" in flat(err)
     assert "RANDOM-INIT" in err
     assert "random-init" in out and "zeroshot" in out and "intensity" in out  # the rich tables
-    # the feature cache went where BENCH_CACHE_DIR points (no --cache-dir given)
-    assert list(isolated_env.rglob("*.npy"))
+    # the feature cache went where BENCH_CACHE_DIR points (no --cache-dir given): entries beside
+    # each folder's config.json, whatever their file format
+    assert any(p.is_file() and p.name != "config.json" for p in isolated_env.rglob("*"))
     # default run name: source, backbone and resolved weights
     (run_dir,) = out_dir.iterdir()
     assert run_dir.name.endswith("src__bench-tiny-vit__random-init")

@@ -76,6 +76,10 @@ def test_stored_metadata_wins_over_the_registry_and_unknown_groups_are_other() -
         replace(cell(method="gone-plugin", tasks=DETECT), method_meta=MethodMeta("no-such-group", 0, None)),
     ]
     assert detection_rows(cells) == ["lpp", "winclip", "gone-plugin", "ultraad"]
+    (block,) = build_tables(cells)
+    groups = {r.label: r.group for r in block.table("detection").rows}
+    assert groups == {"lpp": "reference", "winclip": "anomaly", "gone-plugin": "other", "ultraad": "ours"}
+    assert Placement(cells).group("gone-plugin") == "other"
 
 
 def test_groups_are_printed_in_table_groups_order() -> None:

@@ -10,13 +10,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import flat
 from rich.console import Console
 
 from bench.errors import ConfigError
+from bench.method import TABLE_GROUPS
 from bench.results import BackboneIdentity, CellRecord
 from bench.tables import (
+    CSV_COLUMNS,
     DEFAULT_PAPER_YAML,
     FORMATS,
+    GROUP_HEADINGS,
     MARK_MISSING,
     MARK_NOT_APPLICABLE,
     STD_DDOF,
@@ -183,22 +187,61 @@ def test_duplicates_counted_once_newest_kept_with_warning() -> None:
 
 def test_not_applicable_vs_missing_markers_and_legend() -> None:
     cells = [
-        cell(method="coop", tasks=("classify",), metrics={"class_auroc": 0.6}),
+        cell(method="mvfa", tasks=("localize",), metrics={"pixel_auroc": 0.6}),
         cell(method="ultraad", target="busi", metrics={"image_auroc": 0.8}),
         cell(method="ultraad", target="udiat", shots=8, metrics={"image_auroc": 0.8}),
     ]
-    (block,) = build_tables(cells)
+    (block,) = build_tables(cells, compare="paper")
     det = block.table("detection")
-    assert det.text("coop", "busi", 4) == MARK_NOT_APPLICABLE == "-"
+    # The paper reports mvfa's detection: its rows stay, ours marked as not doing the task.
+    assert det.text("mvfa", "busi", 4) == MARK_NOT_APPLICABLE == "-"
+    assert det.text("mvfa [paper]", "busi", 4) == "78.4"
     assert det.text("ultraad", "busi", 8) == MARK_MISSING  # not run yet
     assert det.text("ultraad", "udiat", 4) == MARK_MISSING
-    assert block.table("classification").text("coop", "busi", 4) == "60.0"
+    assert block.table("localization").text("mvfa", "busi", 4, "pixel_auroc") == "60.0"
     assert MARK_NOT_APPLICABLE != MARK_MISSING
     legend = " ".join(det.legend)
     assert "does not do this task" in legend and "not run yet" in legend
-    md = render_tables(cells, "markdown", None, False)
-    assert "| coop | - | - |" in md
+    md = render_tables(cells, "markdown", "paper", False)
+    assert "| mvfa | - | - | - | - | - | - |" in md
     assert "does not do this task" in md and "not run yet" in md
+
+
+def test_a_table_lists_only_the_methods_that_do_its_task() -> None:
+    cells = [
+        cell(method="lpp", tasks=("classify", "detect"), metrics={"image_auroc": 0.6, "class_auroc": 0.5}),
+        cell(method="coop", tasks=("classify", "detect"), metrics={"image_auroc": 0.6, "class_auroc": 0.5}),
+        cell(method="mvfa", tasks=("detect", "localize"), metrics={"image_auroc": 0.7, "pixel_auroc": 0.8}),
+        cell(metrics={"image_auroc": 0.9, "class_auroc": 0.8, "pixel_auroc": 0.9}),
+    ]
+    (block,) = build_tables(cells)
+    rows = {t.spec.key: [r.label for r in t.rows] for t in block.tables}
+    assert rows == {
+        "detection": ["mvfa", "lpp", "coop", "ultraad"],
+        "classification": ["lpp", "coop", "ultraad"],
+        "localization": ["mvfa", "ultraad"],  # no rows of "-" from the classifiers
+    }
+    assert MARK_NOT_APPLICABLE not in set(block.table("localization").data["text"])
+
+
+def test_columns_come_from_the_tables_own_methods_and_empty_tables_are_left_out() -> None:
+    cells = [
+        cell(method="lpp", target="udiat", tasks=("classify", "detect"), metrics={"class_auroc": 0.5}),
+        cell(
+            method="mvfa", target="busi", shots=8, tasks=("detect", "localize"), metrics={"pixel_auroc": 0.8}
+        ),
+    ]
+    (block,) = build_tables(cells)
+    assert [t.spec.key for t in block.tables] == ["detection", "classification", "localization"]
+    assert [c.label for c in block.table("classification").columns] == ["udiat 4-shot"]
+    assert [c.label for c in block.table("localization").columns] == ["busi 8-shot"]
+    assert {c.label for c in block.table("detection").columns} == {
+        f"{t} {s}-shot" for t in ("busi", "udiat") for s in (4, 8)
+    }
+    (block,) = build_tables([cells[1]])
+    assert [t.spec.key for t in block.tables] == ["detection", "localization"]
+    with pytest.raises(KeyError):
+        block.table("classification")
 
 
 def test_zero_shot_row_fills_every_shots_column() -> None:
@@ -217,7 +260,7 @@ def test_zero_shot_row_fills_every_shots_column() -> None:
     assert [c.shots for c in det.columns] == [4, 8, 16]
     for shots in (4, 8, 16):
         assert det.text("winclip (zero-shot)", "busi", shots) == "79.7"
-    assert block.table("classification").text("winclip (zero-shot)", "busi", 4) == "-"
+    assert [r.label for r in block.table("classification").rows] == ["ultraad"]  # winclip does not classify
     assert any("zero-shot" in line for line in det.legend)
 
 
@@ -405,11 +448,16 @@ def test_markdown_tables_parse() -> None:
 def test_latex_is_booktabs_and_balanced() -> None:
     tex = render_tables(_fixture_cells(), "latex", "paper", False)
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 3
-    assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == 3
+    assert tex.count(r"\toprule") == tex.count(r"\bottomrule") == 3
+    # one \midrule per row group: anomaly + ours (detection, localization), classifier + ours
+    assert tex.count(r"\midrule") == 6
     assert r"80.0 $\pm$ 10.0 (n=3)" in tex
     assert r"\caption{Detection: I-AUROC (\%). Backbone: ViT-L-14-336-quickgelu" in tex
-    for body in re.findall(r"\\midrule\n(.*?)\\bottomrule", tex, flags=re.S):
-        amps = {line.count("&") for line in body.strip().splitlines()}
+    for body in re.findall(r"\\toprule\n.*?\\midrule\n(.*?)\\bottomrule", tex, flags=re.S):
+        lines = [
+            line for line in body.strip().splitlines() if not line.startswith(("\\midrule", "\\multicolumn"))
+        ]
+        amps = {line.count("&") for line in lines}
         assert len(amps) == 1
     spec = re.search(r"\\begin\{tabular\}\{l(r+)\}", tex)
     assert spec is not None
@@ -425,6 +473,141 @@ def test_rich_prints_to_console_and_returns_text() -> None:
     from rich.table import Table as RichTable
 
     assert sum(isinstance(r, RichTable) for r in to_rich(build_tables(_fixture_cells()))) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Row groups, and what is printed once per block
+# --------------------------------------------------------------------------------------------
+
+
+def _grouped_cells(backbone: BackboneIdentity = PRETRAINED) -> list[CellRecord]:
+    """One method of each group but "other", given in scrambled order."""
+    both = {"image_auroc": 0.6, "class_auroc": 0.5}
+    return [
+        cell(metrics={"image_auroc": 0.9, "class_auroc": 0.8}, backbone=backbone),
+        cell(method="lpp", tasks=("classify", "detect"), metrics=both, backbone=backbone),
+        cell(method="mvfa", tasks=("detect", "localize"), backbone=backbone),
+        cell(
+            method="intensity", shots=0, uses_support=False, tasks=("detect", "localize"), backbone=backbone
+        ),
+    ]
+
+
+#: The detection table of :func:`_grouped_cells`: (group, row labels) in order.
+GROUPED_DETECTION = [
+    ("reference", ["intensity (zero-shot)"]),
+    ("anomaly", ["mvfa"]),
+    ("classifier", ["lpp"]),
+    ("ours", ["ultraad"]),
+]
+
+
+def test_group_headings_cover_every_table_group() -> None:
+    assert set(GROUP_HEADINGS) == set(TABLE_GROUPS)
+    assert len(set(GROUP_HEADINGS.values())) == len(TABLE_GROUPS)
+
+
+def test_rows_carry_their_group_in_the_model_and_the_csv() -> None:
+    (block,) = build_tables(_grouped_cells())
+    det = block.table("detection")
+    assert [(g, [r.label for r in rows]) for g, rows in det.row_groups()] == GROUPED_DETECTION
+    assert dict(zip(det.data["row"], det.data["group"], strict=True))["lpp"] == "classifier"
+    frame = pd.read_csv(io.StringIO(render_tables(_grouped_cells(), "csv", None, False)))
+    assert "group" in CSV_COLUMNS and list(frame.columns) == list(CSV_COLUMNS)
+    assert dict(zip(frame["row"], frame["group"], strict=True)) == {
+        "intensity (zero-shot)": "reference",
+        "mvfa": "anomaly",
+        "lpp": "classifier",
+        "ultraad": "ours",
+    }
+    keys = ["table", "row", "column", "shots", "metric"]
+    assert len(frame) == len(frame.drop_duplicates(keys)) and frame["row"].notna().all()  # no heading rows
+
+
+def test_paper_rows_sit_in_their_methods_group() -> None:
+    (block,) = build_tables([cell()], compare="paper")
+    groups = {r.label: r.group for r in block.table("classification").rows}
+    assert groups["coop [paper only]"] == "classifier"
+    assert groups["ultraad [paper]"] == groups["ultraad"] == "ours"
+
+
+def _in_order(text: str, fragments: list[str]) -> bool:
+    positions = [text.index(f) for f in fragments]
+    return positions == sorted(positions)
+
+
+def test_markdown_opens_each_group_with_a_bold_heading_row() -> None:
+    md = render_tables(_grouped_cells(), "markdown", None, False)
+    detection = md.split("### ")[1]
+    body = [line for line in detection.splitlines() if line.startswith("|")][2:]
+    expected: list[str] = []
+    for group, labels in GROUPED_DETECTION:
+        expected.append(f"| **{GROUP_HEADINGS[group]}** |  |")
+        expected.extend(f"| {label} | " for label in labels)
+    assert len(body) == len(expected)
+    for line, start in zip(body, expected, strict=True):
+        assert line.startswith(start), (line, start)
+
+
+def test_latex_opens_each_group_with_a_midrule_and_an_italic_heading() -> None:
+    tex = render_tables(_grouped_cells(), "latex", None, False)
+    detection = tex.split(r"\begin{table}")[1]
+    pattern = r"\\midrule\n\\multicolumn\{2\}\{l\}\{\\textit\{(.*?)\}\} \\\\\n"
+    assert re.findall(pattern, detection) == [GROUP_HEADINGS[g] for g, _ in GROUPED_DETECTION]
+    assert detection.count(r"\midrule") == len(GROUPED_DETECTION)
+    assert _in_order(
+        detection, [r"\textit{training-free", "intensity (zero-shot) &", r"\textit{CLIP", "mvfa &"]
+    )
+
+
+def test_rich_opens_each_group_with_a_heading_row() -> None:
+    text = render_tables(_grouped_cells(), "rich", None, False)
+    detection = text.split("Detection: I-AUROC (%)")[1].split("Classification")[0]
+    assert _in_order(detection, [f for g, labels in GROUPED_DETECTION for f in (GROUP_HEADINGS[g], *labels)])
+
+
+def test_block_legend_is_every_tables_lines_once_in_order() -> None:
+    (block,) = build_tables(_grouped_cells())
+    tables = {t.spec.key: t for t in block.tables}
+    assert len(tables) == 3
+    legend = block.legend
+    assert len(legend) == len(set(legend))
+    # a line every table has is printed as it is, once
+    markers = next(line for line in tables["detection"].legend if "does not do this task" in line)
+    assert all(markers in t.legend for t in tables.values()) and legend.count(markers) == 1
+    # a line only some tables have names them; the first table's lines come first
+    zero_shot = next(line for line in tables["detection"].legend if line.startswith("'(zero-shot)'"))
+    assert zero_shot not in tables["classification"].legend
+    assert f"(Detection, Localization) {zero_shot}" in legend
+    pixel_ap = next(line for line in tables["localization"].legend if line.startswith("pixel AP"))
+    assert legend[-1] == f"(Localization) {pixel_ap}"
+    assert legend.index(markers) < legend.index(f"(Detection, Localization) {zero_shot}")
+
+
+@pytest.mark.parametrize("fmt", ["rich", "markdown"])
+def test_identity_warning_and_legend_once_per_block(fmt: str) -> None:
+    cells = _grouped_cells(RANDOM) + _grouped_cells()
+    out = render_tables(cells, fmt, None, False)
+    blocks = build_tables(cells)
+    assert len(blocks) == 2 and sum(len(b.tables) for b in blocks) == 6
+    assert out.count("WARNING: random-init weights") == 1  # one random-init block, one banner
+    assert out.count("Legend:") == 2
+    assert out.count("'-' = the method does not do this task") == 2
+    assert flat(out).count("ViT-B-16 @224px") == 1  # the identity in the block header only
+    for table in blocks[0].tables:
+        assert flat(out).count(table.spec.title) == 2  # titled by the table alone, once per block
+    # the legend follows the block's last table
+    first, _ = out.split("ViT-L-14-336-quickgelu @336px")
+    assert first.index("Localization: P-AUROC") < first.index("Legend:")
+
+
+def test_latex_floats_stand_alone() -> None:
+    tex = render_tables(_grouped_cells(RANDOM), "latex", None, False)
+    floats = tex.split(r"\begin{table}")[1:]
+    assert len(floats) == 3
+    for body in floats:
+        assert "Backbone: ViT-B-16 @224px" in body and "WARNING: random-init" in body
+        assert "does not do this task" in body
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Result tables in the UltraAD paper's layout, built from finished cells (``cell.json`` records).
+r"""Result tables in the UltraAD paper's layout, built from finished cells (``cell.json`` records).
 
 Pure functions over a list of :class:`~bench.results.CellRecord`; the CLI calls
 :func:`render_tables` (or :func:`build_tables` for the plain data) and prints the result.
@@ -19,24 +19,39 @@ Layout decisions
   (``class_auroc``, 3-class), Localization (``pixel_auroc`` and ``pixel_ap`` as two
   sub-columns: the paper prints "(P-AUROC, x)" pairs and never names x; our reading is pixel AP).
   Rows are methods, columns are target x shots (x metric for localization).
+* **A table lists only the methods that do its task** (``METRIC_TASK`` of its first metric in
+  the method's ``tasks``), plus every method the paper reports in it (``--compare paper``);
+  its columns are the targets and shots of those methods. A table with no row is left out.
+  The ablation table keeps its fixed rows (every variant, so ``ultraad-no-joint`` shows ``-``
+  for I-AUROC, as the paper prints).
+* **Row groups, as the paper groups them**: each row's ``group`` is its method's
+  ``table_group`` (:data:`~bench.method.TABLE_GROUPS`), headed by
+  :data:`~bench.tables.model.GROUP_HEADINGS` in every format: a heading row opening a section
+  (rich), a bold heading row (markdown), ``\midrule`` and an italic ``\multicolumn`` row
+  (LaTeX), a ``group`` column (CSV).
 * **Cells** are mean ± std over support seeds, in percent (metric x 100, one decimal, as the
   paper prints). The std is the *sample* std (``ddof=1``, :data:`STD_DDOF`); a cell with one
   seed shows the mean only. When the number of seeds differs between cells of one table
   (zero-shot rows aside), every cell of that table also shows ``(n=k)``; otherwise the legend
   states the common n.
+* **Once per block**: the text formats (rich, markdown) print the block header (identity,
+  random-init WARNING, duplicate warnings) once, title each table by its own title only, and
+  print the legend once after the block's tables (:attr:`TableBlock.legend`: every table's
+  lines in order, each once, a line not every table has naming its tables). LaTeX floats must
+  stand alone in a paper: each caption keeps the identity and the warning, each float its
+  legend. The CSV carries no legend.
 * **Markers**: ``-`` the method does not do the table's task (its ``tasks`` lacks it);
   ``·`` not run yet (no finished cell); ``n/a`` run, but the metric was not recorded (e.g. a
   target without pixel masks); an empty cell is structurally empty (a paper-only column in one
-  of our rows, or a column the paper does not report in a ``[paper]`` row). Every table
-  carries a legend saying so.
+  of our rows, or a column the paper does not report in a ``[paper]`` row). The legend says so.
 * **Zero-shot methods** (``uses_support == False``, stored with shots 0) have one value per
   target, repeated in every shots column; the row reads ``<method> (zero-shot)``.
 * **Never pool backbones**: records are grouped by (:class:`BackboneIdentity`, source,
   eval_size) and each group is its own :class:`TableBlock`, titled with ``identity.label``
   (which states random-init loudly), the layers, the source dataset and the eval size. Every
-  format carries that identity: the rich and markdown block headers and table titles, the LaTeX
-  caption, and the CSV's ``backbone`` / ``random_init`` columns; random-init blocks also get a
-  WARNING banner in the text formats.
+  format carries that identity: the rich and markdown block headers, the LaTeX captions, and
+  the CSV's ``backbone`` / ``random_init`` columns; random-init blocks also get a WARNING
+  banner in the text formats.
 * **Duplicates** (the same cell in two run folders) are counted once, the newest kept, with a
   warning line naming both paths (see :func:`~bench.tables.cells.dedupe_cells`).
 * **Row order** comes from method metadata (``table_group``, ``table_rank``; see
@@ -65,6 +80,7 @@ from bench.tables.model import (
     ABLATION,
     CLASSIFICATION,
     DETECTION,
+    GROUP_HEADINGS,
     KIND_OURS,
     KIND_PAPER,
     KIND_PAPER_ONLY,
@@ -103,6 +119,7 @@ __all__ = [
     "DEFAULT_PAPER_YAML",
     "DETECTION",
     "FORMATS",
+    "GROUP_HEADINGS",
     "KIND_OURS",
     "KIND_PAPER",
     "KIND_PAPER_ONLY",

@@ -167,25 +167,32 @@ class _BlockBuilder:
     # -- rows ----------------------------------------------------------------------------------
     def _ours_rows(self, method: str) -> list[Row]:
         flags = sorted({zs for (m, zs, _, _) in self.index if m == method}, reverse=True)
-        return [Row(method, KIND_OURS, zs) for zs in flags]
+        group = self.placement.group(method)
+        return [Row(method, KIND_OURS, zs, group) for zs in flags]
 
-    def _rows(self, paper_table: PaperTable | None, fixed: Sequence[str] | None) -> list[Row]:
-        if fixed is not None:
-            methods = list(fixed)
-        else:
-            names = {m for (m, _, _, _) in self.index}
-            if paper_table is not None:
-                names |= set(paper_table.methods)
-            methods = self.placement.order(names)
+    def _methods(self, spec: TableSpec, paper_table: PaperTable | None) -> list[str]:
+        """The methods of a main table, in row order: ours that do its task, and the paper's.
+
+        A method the paper reports in this table keeps its rows even when ours does not do the
+        task (its own row then reads "-"): what the paper prints is never hidden.
+        """
+        task = METRIC_TASK[spec.metrics[0]]
+        names = {m for (m, _, _, _) in self.index if str(task) in self.tasks.get(m, ())}
+        if paper_table is not None:
+            names |= set(paper_table.methods)
+        return self.placement.order(names)
+
+    def _rows(self, methods: Sequence[str], paper_table: PaperTable | None, fixed: bool) -> list[Row]:
         rows: list[Row] = []
         for method in methods:
             ours = self._ours_rows(method)
-            if not ours and fixed is not None:
-                ours = [Row(method, KIND_OURS, False)]
+            if not ours and fixed:
+                ours = [Row(method, KIND_OURS, False, self.placement.group(method))]
             rows.extend(ours)
             if paper_table is not None and method in paper_table.methods:
                 kind = KIND_PAPER if ours else KIND_PAPER_ONLY
-                rows.append(Row(method, kind, paper_table.methods[method].zero_shot))
+                zero_shot = paper_table.methods[method].zero_shot
+                rows.append(Row(method, kind, zero_shot, self.placement.group(method)))
         return rows
 
     # -- cells ---------------------------------------------------------------------------------
@@ -236,9 +243,15 @@ class _BlockBuilder:
 
     # -- table ---------------------------------------------------------------------------------
     def build(self, spec: TableSpec, fixed_rows: Sequence[str] | None = None) -> Table:
+        """The table ``spec``: its rows are ``fixed_rows`` (the ablation table, every variant
+        shown, run or not), else the methods that do its task (see :meth:`_methods`)."""
         paper_table = self.paper.tables.get(spec.key) if self.paper is not None else None
-        columns = self._columns(fixed_rows, paper_table)
-        rows = self._rows(paper_table, fixed_rows)
+        methods = list(fixed_rows) if fixed_rows is not None else self._methods(spec, paper_table)
+        ran = [m for m in methods if m in self.tasks]
+        # Columns from the table's own methods (a target only classifiers ran is no localization
+        # column); a table of paper rows alone keeps every target of the block for them.
+        columns = self._columns(ran or None, paper_table)
+        rows = self._rows(methods, paper_table, fixed=fixed_rows is not None)
         records: list[dict[str, Any]] = []
         for row in rows:
             for column in columns:
@@ -254,6 +267,7 @@ class _BlockBuilder:
                             "method": row.method,
                             "kind": row.kind,
                             "zero_shot": row.zero_shot,
+                            "group": row.group,
                             "column": column.group,
                             "target": column.target,
                             "paper_dataset": column.paper_dataset,
@@ -269,6 +283,7 @@ class _BlockBuilder:
                 "method",
                 "kind",
                 "zero_shot",
+                "group",
                 "column",
                 "target",
                 "paper_dataset",
@@ -367,6 +382,6 @@ def build_tables(
                 for root in roots
             ]
         else:
-            tables = [builder.build(spec) for spec in MAIN_TABLES]
+            tables = [table for table in (builder.build(spec) for spec in MAIN_TABLES) if table.rows]
         blocks.append(TableBlock(identity, source, eval_size, tables, messages))
     return blocks

@@ -1,4 +1,8 @@
-"""The legend under each table: value format, markers, and how the paper's numbers compare."""
+"""Each table's legend lines: value format, markers, and how the paper's numbers compare.
+
+The text formats print the lines of all a block's tables once, after them
+(:attr:`~bench.tables.model.TableBlock.legend`); each LaTeX float carries its own.
+"""
 
 from __future__ import annotations
 

@@ -43,6 +43,22 @@ METRIC_LABEL: dict[str, str] = {
 }
 
 
+#: The heading of each row group (:data:`~bench.method.TABLE_GROUPS`), in the paper's words where
+#: it has them (Sec. 3: "CLIP-based AD approaches", "few-shot CLIP adaptation approaches").
+GROUP_HEADINGS: dict[str, str] = {
+    "reference": "training-free references",
+    "anomaly": "CLIP-based anomaly detection",
+    "classifier": "few-shot CLIP adaptation",
+    "other": "other methods",
+    "ours": "UltraAD and its ablations",
+}
+
+
+def group_heading(group: str) -> str:
+    """The printed heading of row group ``group``."""
+    return GROUP_HEADINGS.get(group, group)
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """One table of the layout: its key (as in ``paper.yaml``), title and metric sub-columns."""
@@ -89,11 +105,13 @@ class Column:
 
 @dataclass(frozen=True)
 class Row:
-    """One displayed row: our method, or the paper's numbers for it."""
+    """One displayed row: our method, or the paper's numbers for it, in row group ``group``
+    (one of :data:`~bench.method.TABLE_GROUPS`)."""
 
     method: str
     kind: str
     zero_shot: bool
+    group: str = "other"
 
     @property
     def label(self) -> str:
@@ -110,7 +128,7 @@ class Table:
     """One rendered table as plain data.
 
     ``data`` is long: one row per (row, column, metric) with columns ``row`` (label),
-    ``method``, ``kind``, ``zero_shot``, ``column`` (group label), ``target``,
+    ``method``, ``kind``, ``zero_shot``, ``group`` (row group), ``column`` (column group label), ``target``,
     ``paper_dataset``, ``shots``, ``metric``, ``status``, ``mean``, ``std``, ``n`` (numbers in
     percent; ``n`` and ``std`` are NaN for paper values), ``seeds`` and the displayed ``text``.
     """
@@ -145,6 +163,21 @@ class Table:
         if len(self.spec.metrics) > 1:
             parts.append(METRIC_LABEL.get(metric, metric))
         return sep.join(parts)
+
+    def row_groups(self) -> list[tuple[str, list[Row]]]:
+        """The rows in runs of one row group each, in order: ``(group, rows)``."""
+        runs: list[tuple[str, list[Row]]] = []
+        for row in self.rows:
+            if runs and runs[-1][0] == row.group:
+                runs[-1][1].append(row)
+            else:
+                runs.append((row.group, [row]))
+        return runs
+
+    @property
+    def short_title(self) -> str:
+        """The table's name without its metric description (``"Detection"``)."""
+        return self.spec.title.split(":")[0]
 
     def flat_columns(self) -> list[tuple[Column, str]]:
         return [(c, m) for c in self.columns for m in self.spec.metrics]
@@ -184,6 +217,21 @@ class TableBlock:
         )
 
     @property
+    def legend(self) -> list[str]:
+        """The legend of all the block's tables, printed once after them: every table's lines in
+        order, each once; a line that not every table has names the tables it is about."""
+        owners: dict[str, list[str]] = {}
+        for table in self.tables:
+            for line in table.legend:
+                owners.setdefault(line, [])
+                if table.short_title not in owners[line]:
+                    owners[line].append(table.short_title)
+        every = len({t.short_title for t in self.tables})
+        return [
+            line if len(names) == every else f"({', '.join(names)}) {line}" for line, names in owners.items()
+        ]
+
+    @property
     def banner(self) -> list[str]:
         """Loud lines every text format prints at the top of the block."""
         if not self.random_init:
@@ -198,8 +246,3 @@ class TableBlock:
             if table.spec.key == key:
                 return table
         raise KeyError(f"no table {key!r} in block {self.title!r}")
-
-
-def table_caption(block: TableBlock, table: Table) -> str:
-    """A table's title with its block's identity (the rich and markdown table headings)."""
-    return f"{table.spec.title} | {block.title}"

@@ -105,10 +105,14 @@ class Placement:
     def meta(self, method: str) -> MethodMeta:
         return self.meta_by_method.get(method, DEFAULT_META)
 
+    def group(self, method: str) -> str:
+        """The row group of ``method``, one of :data:`~bench.method.TABLE_GROUPS` (an unknown
+        group, e.g. of a record written by a newer version, is ``other``)."""
+        group = self.meta(method).table_group
+        return group if group in TABLE_GROUPS else DEFAULT_META.table_group
+
     def sort_key(self, method: str) -> tuple[int, int, str]:
-        meta = self.meta(method)
-        group = meta.table_group if meta.table_group in TABLE_GROUPS else DEFAULT_META.table_group
-        return (TABLE_GROUPS.index(group), meta.table_rank, method)
+        return (TABLE_GROUPS.index(self.group(method)), self.meta(method).table_rank, method)
 
     def order(self, methods: Iterable[str]) -> list[str]:
         """``methods`` (deduplicated) in table row order."""

@@ -37,7 +37,9 @@ def render_tables(
     """Render the result tables of ``cells`` as ``fmt`` (rich, markdown, csv or latex).
 
     Returns the text. For ``rich``, the tables are also printed to ``console`` when one is
-    given, and the returned text is a plain (uncoloured) export at ``width`` columns.
+    given, and the returned text is a plain (uncoloured) export at ``width`` columns; on either,
+    a table wider than that is printed at its natural width, never cut
+    (:func:`bench.cli_support.print_table`).
     Duplicate-cell warnings are part of the rich/markdown/latex text; for every format they are
     also passed to ``on_warning`` (for csv without ``on_warning``: :func:`warnings.warn`).
     """
@@ -75,9 +77,11 @@ def render_tables(
         return to_latex(blocks)
     from rich.console import Console
 
+    from bench.cli_support import print_table
+
     recorder = Console(file=io.StringIO(), record=True, width=width, color_system=None, force_terminal=False)
     for renderable in to_rich(blocks):
-        recorder.print(renderable)
+        print_table(recorder, renderable)
         if console is not None:
-            console.print(renderable)
+            print_table(console, renderable)
     return recorder.export_text()

@@ -1,11 +1,12 @@
 """CSV output.
 
 **CSV is long/tidy**: one row per block x table x row x column x metric with ``mean``,
-``std``, ``n`` (numbers in percent) plus ``status`` and the displayed ``text``; structurally
+``std``, ``n`` (numbers in percent) plus ``status`` and the displayed ``text``; the row group
+(:data:`~bench.method.TABLE_GROUPS`) is the ``group`` column, not a heading row; structurally
 empty cells are left out, and zero-shot rows appear once with ``shots = 0`` (not once per
-shots column) so that a consumer never counts them twice. CSV output carries no warning
-lines (they would break parsers): :func:`~bench.tables.render_tables` passes them to ``on_warning``, or
-to :func:`warnings.warn` when none is given.
+shots column) so that a consumer never counts them twice. CSV output carries no legend and
+no warning lines (they would break parsers): :func:`~bench.tables.render_tables` passes the
+warnings to ``on_warning``, or to :func:`warnings.warn` when none is given.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "eval_size",
     "table",
     "metric",
+    "group",
     "row",
     "method",
     "kind",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.tables.model import METRIC_LABEL, TableBlock
+from bench.tables.model import METRIC_LABEL, TableBlock, group_heading
 
 _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}",
@@ -31,7 +31,10 @@ def latex_escape(text: str) -> str:
 def to_latex(blocks: Sequence[TableBlock]) -> str:
     """One ``table`` float per table: booktabs ``tabular``, caption with the backbone identity.
 
-    Headers span: target (or ``<DATASET> [paper]``) over shots, shots over metrics.
+    Headers span: target (or ``<DATASET> [paper]``) over shots, shots over metrics. Each row
+    group opens with a ``\\midrule`` and an italic ``\\multicolumn`` heading row. Unlike the
+    text formats, every float carries the block identity, the random-init warning and its own
+    legend in its caption and footnote: a float must stand alone once pasted into a paper.
     Needs ``\\usepackage{booktabs}``.
     """
     out: list[str] = []
@@ -44,6 +47,7 @@ def to_latex(blocks: Sequence[TableBlock]) -> str:
             nm = len(metrics)
             flat = table.flat_columns()
             wide = table.wide()
+            texts = dict(zip(wide.index, wide.to_numpy().tolist(), strict=True))
             out.append(r"\begin{table}[htbp]")
             out.append(r"\centering")
             caption = f"{table.spec.title}. Backbone: {block.title}."
@@ -86,9 +90,13 @@ def to_latex(blocks: Sequence[TableBlock]) -> str:
                 out.append(" ".join(shot_rules))
                 metric_cells = ["method"] + [latex_escape(METRIC_LABEL.get(m, m)) for _, m in flat]
                 out.append(" & ".join(metric_cells) + r" \\")
-            out.append(r"\midrule")
-            for label, values in zip(wide.index, wide.to_numpy().tolist(), strict=True):
-                out.append(" & ".join(latex_escape(str(v)) for v in [label, *values]) + r" \\")
+            for group, rows in table.row_groups():
+                out.append(r"\midrule")
+                heading = r"\textit{" + latex_escape(group_heading(group)) + "}"
+                out.append(r"\multicolumn{" + str(1 + len(flat)) + "}{l}{" + heading + r"} \\")
+                for row in rows:
+                    cells = [row.label, *texts[row.label]]
+                    out.append(" & ".join(latex_escape(str(v)) for v in cells) + r" \\")
             out.append(r"\bottomrule")
             out.append(r"\end{tabular}")
             out.append("")

@@ -1,8 +1,9 @@
 """The few-shot CLIP classifiers: Tip-Adapter(-F), CoOp, CoCoOp, CLIP-Adapter, LP++.
 
-Defining formulas on hand-computed cases, frozen backbone, determinism, accuracy on an easy
-synthetic problem (clustered embeddings patched into the tiny random-init backbone), and the
-grid runner end to end.
+Defining formulas on hand-computed cases (prompt learners' text checked through CLIP's own
+``encode_text``), frozen backbone, determinism, the un-augmented fit unchanged, accuracy on
+an easy synthetic problem (clustered embeddings patched into the tiny random-init
+backbone), and the grid runner end to end. Training augmentation: tests/test_kit_views.py.
 """
 
 from __future__ import annotations
@@ -44,10 +45,16 @@ FEWSHOT = ("tipadapter", "tipadapter-f", "coop", "cocoop", "clipadapter", "lpp")
 #: Short schedules for the tests that do not measure accuracy.
 QUICK: dict[str, dict[str, Any]] = {
     "tipadapter": {"augment_views": 2, "search_step": [20, 10]},
-    "tipadapter-f": {"augment_views": 2, "search_step": [20, 10], "epochs": 3, "cv_folds": 2},
-    "coop": {"epochs": 3},
-    "cocoop": {"epochs": 2},
-    "clipadapter": {"epochs": 3},
+    "tipadapter-f": {
+        "augment_views": 2,
+        "train_augment_views": 2,
+        "search_step": [20, 10],
+        "epochs": 3,
+        "cv_folds": 2,
+    },
+    "coop": {"epochs": 3, "augment_views": 2},
+    "cocoop": {"epochs": 2, "augment_views": 2},
+    "clipadapter": {"epochs": 3, "augment_views": 2},
     "lpp": {"epochs": 12},
 }
 
@@ -125,6 +132,15 @@ def test_published_hyperparameters_are_the_defaults(backbone, tmp_path: Path) ->
     )  # fmt: skip
     assert CLIPAdapter.default_config["ratio"] == 0.2 and CLIPAdapter.default_config["reduction"] == 4
     assert LPPlusPlus.default_config["epochs"] == 300
+    # training augmentation: Dassl's RandomResizedCrop scale for the three Dassl trainers, the
+    # (0.5, 1) of Tip-Adapter's / LP++'s train_tranform; torchvision's ratio; flip on
+    augmentation = ("augment_views", "crop_scale", "crop_ratio", "flip")
+    for cls in (CoOp, CoCoOp, CLIPAdapter):
+        assert [cls.default_config[k] for k in augmentation] == [10, [0.08, 1.0], [0.75, 4 / 3], True]
+    assert [LPPlusPlus.default_config[k] for k in augmentation] == [1, [0.5, 1.0], [0.75, 4 / 3], True]
+    for cls in (TipAdapter, TipAdapterF):
+        assert [cls.default_config[k] for k in augmentation] == [10, [0.5, 1.0], [0.75, 4 / 3], True]
+    assert tipf["train_augment_views"] == 10 and "train_augment_views" not in TipAdapter.default_config
     with pytest.raises(MethodError, match="method 'lpp': option 'class_names'"):
         make_method(LPPlusPlus, backbone, tmp_path, class_names={"normal": "a", "benign": "b"})
     with pytest.raises(MethodError, match="method 'tipadapter': option 'templates'"):
@@ -161,7 +177,14 @@ def test_options_are_declared_with_help_texts() -> None:
         (TipAdapter, "search_scale", [13.0], "exactly 2 values"),
         (TipAdapter, "search_step", [20, 0], "must be >= 1"),
         (TipAdapter, "search_step", [20.5, 10], "list of int"),
-        (TipAdapter, "augment_views", 0, "must be >= 1"),
+        (TipAdapter, "augment_views", -1, "must be >= 0"),
+        (TipAdapterF, "train_augment_views", -1, "must be >= 0"),
+        (CoOp, "augment_views", -1, "must be >= 0"),
+        (CoCoOp, "crop_scale", [0.08, 1.2], "must be <= 1"),
+        (CLIPAdapter, "crop_ratio", [1.5, 0.5], "low <= high"),
+        (CLIPAdapter, "crop_ratio", [0.0, 1.0], "must be > 0"),
+        (CoOp, "flip", "yes", "must be true or false"),
+        (LPPlusPlus, "augment_views", 2, "must be <= 1"),
         (TipAdapter, "augment_seed", "x", "must be an integer"),
         (TipAdapterF, "cv_folds", 1, "must be >= 2"),
         (TipAdapterF, "unknown_option", 1, "unknown option"),
@@ -180,8 +203,11 @@ def test_options_are_converted_and_nullable_options_accept_null(backbone, tmp_pa
     coop = make_method(CoOp, backbone, tmp_path, shots=4, epochs=None, lr=1)
     assert coop.epochs == 100 and coop.lr == 1.0 and isinstance(coop.lr, float)  # CoOp's rule for 4 shots
     assert make_method(CoCoOp, backbone, tmp_path, shots=1, epochs=None).epochs == 50
-    tip = make_method(TipAdapter, backbone, tmp_path, seed=3, crop_scale=(1, 1), augment_seed=None)
+    tip = make_method(
+        TipAdapter, backbone, tmp_path, seed=3, crop_scale=(1, 1), augment_seed=None, flip=False
+    )
     assert tip.config["crop_scale"] == [1.0, 1.0] and tip.augmentation.scale == (1.0, 1.0)
+    assert tip.augmentation.flip_p == 0.0 and tip.augmentation.ratio == (0.75, 4 / 3)
     assert tip.augment_seed == 3  # null = the fit seed
     assert make_method(TipAdapter, backbone, tmp_path, seed=3, augment_seed=11).augment_seed == 11
 
@@ -260,7 +286,8 @@ def test_lpp_initialisation_and_step_sizes_hand_computed() -> None:
 
 def test_lpp_fit_uses_the_published_rule(backbone, tmp_path: Path) -> None:
     support = make_support(2, seed=2)
-    feats = F.normalize(backbone.image_features(support.items).embeds, dim=-1)
+    # LP++ trains on ONE augmented view per image (Tip-Adapter's transform, view 0 of the fit seed)
+    feats = F.normalize(augmented_embeds(backbone, support.items, 1, seed=0)[0], dim=-1)
     labels = torch.as_tensor(support.labels)
     one_epoch = make_method(LPPlusPlus, backbone, tmp_path, epochs=1)
     one_epoch.fit(support)
@@ -310,22 +337,57 @@ def test_clip_adapter_residual_ratio(backbone, tmp_path: Path) -> None:
             torch.testing.assert_close(method.logits(items), zero_shot)
 
 
+def text_with_context(backbone, prompts: list[str], context: torch.Tensor) -> torch.Tensor:
+    """CLIP's own ``encode_text`` of ``prompts`` with token positions 1 .. M replaced by ``context``
+    (M, W): a forward hook on the token-embedding lookup, so none of the prompt learner's code
+    (prompt assembly, truncation, ``encode_embeddings``) is involved."""
+
+    def replace_context(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        output[:, 1 : 1 + context.shape[0]] = context.to(output.dtype)
+        return output
+
+    handle = backbone.model.token_embedding.register_forward_hook(replace_context)
+    try:
+        with torch.no_grad():
+            return backbone.model.encode_text(backbone.tokenize(prompts)).float()
+    finally:
+        handle.remove()
+
+
 def test_coop_logits_use_clip_logit_scale_and_learned_text(backbone, tmp_path: Path) -> None:
     support = make_support(2, seed=4)
-    method = make_method(CoOp, backbone, tmp_path, epochs=2)
+    method = make_method(CoOp, backbone, tmp_path, epochs=2, augment_views=2)
     method.fit(support)
     feats = F.normalize(backbone.image_features(support.items).embeds, dim=-1)
-    with torch.no_grad():
-        text = F.normalize(method.learner(), dim=-1)
     scale = backbone.logit_scale
-    torch.testing.assert_close(method.logits(support.items), scale * feats @ text.T)
-    cocoop = make_method(CoCoOp, backbone, tmp_path, epochs=1)
+    # "X X ... X <name>." with the 16 learned vectors in the X slots, through CLIP's encode_text
+    ctx = method.learner.ctx.detach()
+    assert ctx.shape == (16, backbone.text_width) and not torch.equal(ctx, torch.zeros_like(ctx))
+    text = text_with_context(backbone, [" ".join(["X"] * 16) + f" {n}." for n in method.names], ctx)
+    expected = scale * feats @ F.normalize(text, dim=-1).T
+    torch.testing.assert_close(method.logits(support.items), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cocoop_logits_shift_the_context_by_the_meta_net_of_each_image(backbone, tmp_path: Path) -> None:
+    support = make_support(2, seed=4)
+    cocoop = make_method(CoCoOp, backbone, tmp_path, epochs=1, augment_views=2)
     cocoop.fit(support)
-    with torch.no_grad():
-        per_image = F.normalize(cocoop.learner(feats[:2]), dim=-1)
-        torch.testing.assert_close(
-            cocoop.logits(support.items[:2]), scale * torch.einsum("bd,bcd->bc", feats[:2], per_image)
-        )
+    feats = F.normalize(backbone.image_features(support.items[:2]).embeds, dim=-1)
+    learner = cocoop.learner
+    w1, b1 = learner.meta_net[0].weight.detach(), learner.meta_net[0].bias.detach()
+    w2, b2 = learner.meta_net[2].weight.detach(), learner.meta_net[2].bias.detach()
+    texts = []
+    for f in feats:
+        offset = torch.relu(w1 @ f + b1) @ w2.T + b2  # pi(x) = Linear - ReLU - Linear, by hand
+        context = learner.ctx.detach() + offset  # added to each of the 4 "a photo of a" vectors
+        texts.append(text_with_context(backbone, [f"a photo of a {n}." for n in cocoop.names], context))
+    scale = backbone.logit_scale
+    expected = torch.stack([scale * F.normalize(t, dim=-1) @ f for t, f in zip(texts, feats, strict=True)])
+    torch.testing.assert_close(cocoop.logits(support.items[:2]), expected, atol=1e-4, rtol=1e-4)
+    # the prompts depend on the image: image 0 scored with image 1's prompts gives other logits
+    crossed = scale * F.normalize(texts[1], dim=-1) @ feats[0]
+    assert (crossed - expected[0]).abs().max() > 1e-3
 
 
 # --------------------------------------------------------------------------- frozen backbone, determinism
@@ -355,6 +417,71 @@ def test_fit_leaves_the_backbone_bit_identical_and_is_deterministic(name, backbo
     other_seed = make_method(cls, backbone, tmp_path, seed=2, **QUICK[name])
     other_seed.fit(support)
     assert not np.array_equal(other_seed.predict(test_items).probs, pred.probs)
+
+
+#: Test-set probabilities of fits on the plain (un-augmented) support features, recorded with the
+#: code BEFORE training augmentation existed (seed 1, support make_support(2, seed=5), test items
+#: make_support(1, seed=6, tag="tst")); Tip-Adapter's are those of its augmented keys, unchanged.
+BEFORE_AUGMENTATION: dict[str, tuple[dict[str, Any], list[list[float]]]] = {
+    "coop": (
+        {"epochs": 3},
+        [
+            [0.5167369953651546, 0.22271682013181499, 0.2605461845030303],
+            [0.20915164111838466, 0.30834771868337346, 0.4825006401982418],
+            [0.1160918649167347, 0.34316494457465774, 0.5407431905086075],
+        ],
+    ),
+    "cocoop": (
+        {"epochs": 2},
+        [
+            [0.6095608234086412, 0.19630112252960186, 0.194138054061757],
+            [0.7200374999234056, 0.13924077676290889, 0.1407217233136855],
+            [0.8957618245220323, 0.05047973608319068, 0.05375843939477703],
+        ],
+    ),
+    "clipadapter": (
+        {"epochs": 3, "lr": 0.05},
+        [
+            [0.7964385417086279, 0.0918519145601444, 0.1117095437312277],
+            [0.5624271360528672, 0.21092161912408974, 0.22665124482304305],
+            [0.22770395475947797, 0.430148287426028, 0.3421477578144942],
+        ],
+    ),
+    "lpp": (
+        {"epochs": 12},
+        [
+            [0.9837875266684042, 0.016210464664040608, 2.0086675550549797e-06],
+            [0.12475229724615627, 0.8525894286909437, 0.02265827406290009],
+            [0.0007039884462773014, 0.1553317700471542, 0.8439642415065685],
+        ],
+    ),
+}
+TIP_BEFORE_AUGMENTATION_CHANGE = [
+    [0.9999999999998941, 1.0516935281048407e-13, 6.511267695833632e-16],
+    [0.029528226664816398, 0.9696925897775065, 0.0007791835576769889],
+    [3.8887840957031424e-09, 0.0036630228176435286, 0.9963369732935724],
+]
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE_AUGMENTATION))
+def test_augment_views_zero_reproduces_the_fit_before_augmentation(name, backbone, tmp_path: Path) -> None:
+    config, before = BEFORE_AUGMENTATION[name]
+    support = make_support(2, seed=5)
+    test_items = list(make_support(1, seed=6, tag="tst").items)
+    plain = make_method(get_method(name), backbone, tmp_path, seed=1, augment_views=0, **config)
+    plain.fit(support)
+    np.testing.assert_allclose(plain.predict(test_items).probs, before, rtol=1e-6, atol=1e-12)
+
+
+def test_tip_adapter_cache_is_unchanged_by_the_augmentation_options(backbone, tmp_path: Path) -> None:
+    support = make_support(2, seed=5)
+    test_items = list(make_support(1, seed=6, tag="tst").items)
+    tip = make_method(TipAdapter, backbone, tmp_path, seed=1, augment_views=2, search_step=[20, 10])
+    tip.fit(support)
+    np.testing.assert_allclose(
+        tip.predict(test_items).probs, TIP_BEFORE_AUGMENTATION_CHANGE, rtol=1e-6, atol=1e-12
+    )
+    assert (tip.alpha, tip.beta) == pytest.approx((11.71, 12.355))
 
 
 def test_predict_before_fit_fails(backbone, tmp_path: Path) -> None:
@@ -398,8 +525,8 @@ def clustered(backbone, monkeypatch: pytest.MonkeyPatch, dim: int, shots: int, p
         fields = {"embeds": embeds, "cls_tokens": empty, "patch_tokens": empty[..., None]}
         return Features(fields=fields, grid=(1, 1), layers=(0,))
 
-    def augmented_embeds(bb, items, n_views, seed, augmentation=None):
-        gv = torch.Generator().manual_seed(seed)
+    def augmented_embeds(bb, items, n_views, seed, augmentation=None, *, first_view=0):
+        gv = torch.Generator().manual_seed(1000 * seed + first_view)
         base = torch.stack([table[item.key] for item in items])
         return base[None] + noise * torch.randn(n_views, *base.shape, generator=gv)
 
@@ -442,8 +569,10 @@ def test_easy_synthetic_problem(name, backbone, tmp_path: Path, monkeypatch: pyt
     pred = method.predict(items)
     accuracy = float((pred.probs.argmax(1) == labels).mean())
     assert accuracy > 0.95, f"{name}: accuracy {accuracy:.3f}"
-    detection = pred.scores[labels == 0].max() < pred.scores[labels > 0].min()
-    assert detection or accuracy < 1.0
+    # detection: the fraction of (normal, lesion) pairs the score orders correctly (the I-AUROC)
+    normal, lesion = pred.scores[labels == 0], pred.scores[labels > 0]
+    ordered = (lesion[None, :] > normal[:, None]).mean() + 0.5 * (lesion[None, :] == normal[:, None]).mean()
+    assert ordered > 0.95, f"{name}: detection AUROC {ordered:.3f}"
 
 
 def test_tip_adapter_search_prefers_the_cache_when_text_is_uninformative(

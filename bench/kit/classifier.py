@@ -2,9 +2,11 @@
 
 :class:`FewShotClassifier` gives tasks detect + classify, the ``class_names`` / ``templates``
 options, the frozen zero-shot text classifier, cached normalised image embeddings,
-per-epoch training views, and turns logits into a :class:`~bench.method.Prediction` with
-``score = 1 - p(normal)``. :data:`COOP_SCHEDULE` is CoOp's published optimisation schedule
-as options (also CoCoOp's and CLIP-Adapter's, whose official code runs on CoOp's configs).
+per-epoch training features from a pool of cached augmented views (:meth:`training_pool`,
+:class:`~bench.kit.views.ViewPool`), and turns logits into a
+:class:`~bench.method.Prediction` with ``score = 1 - p(normal)``. :data:`COOP_SCHEDULE` is
+CoOp's published training set-up as options: optimisation schedule and Dassl's training
+augmentation (also CoCoOp's and CLIP-Adapter's, whose official code runs on CoOp's configs).
 """
 
 from __future__ import annotations
@@ -27,12 +29,35 @@ from bench.kit.prompts import (
     templates_option,
     text_classifier,
 )
-from bench.kit.views import augmented_embeds
+from bench.kit.views import (
+    DASSL_CROP_SCALE,
+    DEFAULT_POOL_VIEWS,
+    Augmentation,
+    ViewPool,
+    augmentation_from_config,
+    augmentation_options,
+    augmented_embeds,
+    view_schedule,
+)
 from bench.method import Method, MethodContext, Prediction, SupportSet
 from bench.types import ImageItem, Task
 
-#: CoOp's published optimisation schedule (Dassl SGD, cosine after a constant warm-up), also
-#: used by CoCoOp and CLIP-Adapter, whose official code runs on CoOp's configs.
+#: Dassl's training augmentation as CoOp's configs set it (``configs/trainers/CoOp/vit_b16.yaml:10,13``
+#: and the CoCoOp config: ``random_resized_crop``, ``random_flip``, bicubic; the scale is Dassl's
+#: ``INPUT.RRCROP_SCALE`` default (0.08, 1), ``dassl/config/defaults.py:40``, applied in
+#: ``dassl/data/transforms/transforms.py:231-239``), as a pool of cached views.
+DASSL_AUGMENTATION: dict[str, Option] = augmentation_options(
+    views=DEFAULT_POOL_VIEWS,
+    views_help=(
+        "cached augmented views per support image, one per epoch in a seeded order "
+        "(official: a fresh view every epoch); 0 = the plain image"
+    ),
+    scale=DASSL_CROP_SCALE,
+    source="Dassl transforms.py:231-239",
+)
+
+#: CoOp's published training set-up (Dassl SGD, cosine after a constant warm-up, Dassl's
+#: augmentation), also used by CoCoOp and CLIP-Adapter, whose official code runs on CoOp's configs.
 COOP_SCHEDULE: dict[str, Option] = {
     "epochs": Option(
         None,
@@ -47,9 +72,7 @@ COOP_SCHEDULE: dict[str, Option] = {
     "weight_decay": Option(5e-4, float, "SGD weight decay", min=0),
     "warmup_epochs": Option(1, int, "epochs at the constant warm-up rate", min=0),
     "warmup_lr": Option(1e-5, float, "warm-up learning rate", min=0),
-    "train_views": Option(
-        0, int, "0 = cached features of the whole image; N = N cached augmented views, one per epoch", min=0
-    ),
+    **DASSL_AUGMENTATION,
     "logit_scale": Option(None, float, "null = CLIP's own logit_scale.exp() (100 for OpenAI)", nullable=True),
 }
 
@@ -111,19 +134,43 @@ class FewShotClassifier(Method):
         value = self.config.get("logit_scale")
         return float(value) if value is not None else self.ctx.backbone.logit_scale
 
-    def training_views(
-        self, support: SupportSet, n_views: int, *, normalise: bool = True
-    ) -> tuple[torch.Tensor, ...]:
-        """Per-epoch training features: the plain cached embeds (``n_views=0``) or augmented views.
+    def training_pool(self, support: SupportSet, epochs: int, *, normalise: bool = True) -> ViewPool:
+        """Training features for ``epochs`` epochs from the method's augmentation options.
 
-        Returns a tuple of (n, D) tensors; epoch ``e`` uses entry ``e % len(tuple)``.
+        ``augment_views: 0``: the plain cached embedding of every image in every epoch;
+        ``K > 0``: K cached augmented views per image (``crop_scale``, ``crop_ratio``,
+        ``flip``; views and their order seeded by the fit seed), one per epoch.
         """
-        if n_views <= 0:
-            return (self.embeds(support.items, normalise=normalise),)
-        views = augmented_embeds(self.ctx.backbone, support.items, n_views, self.ctx.seed).to(self.device)
+        if "augment_views" not in self.config:
+            raise MethodError(
+                f"method {self.name!r} declares no augmentation options: add "
+                "bench.kit.views.augmentation_options(...) (or COOP_SCHEDULE) to its options"
+            )
+        n_views = self.config["augment_views"]
+        if n_views == 0:
+            return ViewPool.fixed(self.embeds(support.items, normalise=normalise), epochs)
+        augmentation = augmentation_from_config(self.config)
+        return self.view_pool(support, n_views, epochs, augmentation, seed=self.ctx.seed, normalise=normalise)
+
+    def view_pool(
+        self,
+        support: SupportSet,
+        n_views: int,
+        epochs: int,
+        augmentation: Augmentation,
+        *,
+        seed: int,
+        first_view: int = 0,
+        normalise: bool = True,
+    ) -> ViewPool:
+        """Views ``first_view .. first_view + n_views - 1`` of every support image (frozen
+        ``encode_image``, computed once and cached) and their seeded per-epoch order."""
+        views = augmented_embeds(
+            self.ctx.backbone, support.items, n_views, seed, augmentation, first_view=first_view
+        ).to(self.device)
         if normalise:
             views = F.normalize(views, dim=-1)
-        return tuple(views.unbind(0))
+        return ViewPool(views, view_schedule(len(support.items), n_views, epochs, seed))
 
     # -- prediction ----------------------------------------------------------------------
     @abstractmethod

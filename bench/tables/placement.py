@@ -96,11 +96,27 @@ class Placement:
             ran[cell.method] = DEFAULT_META
             if cell.method_meta is not None:
                 stored[cell.method] = cell.method_meta
-        self.registered = registered_meta()
-        known = {**ran, **self.registered, **stored}
+        self._stored = stored
+        # The registry imports every method (torch, open_clip: seconds); records that carry
+        # their own metadata need it only for the paper's rows and for ablation tables.
+        self._registered: dict[str, MethodMeta] | None = None
+        registered = self.registered if paper is not None or len(stored) < len(ran) else {}
+        known = {**ran, **registered, **stored}
         self.meta_by_method = {**(paper_meta(paper, known) if paper is not None else {}), **known}
         #: The full method of the paper's ablation (None without the paper's numbers).
         self.paper_ablation_root = paper_ablation_root(paper, known) if paper is not None else None
+
+    @property
+    def registered(self) -> dict[str, MethodMeta]:
+        """The registered methods' metadata, loaded on first use (and merged into the metadata
+        of methods that no record describes)."""
+        if self._registered is None:
+            self._registered = registered_meta()
+            if hasattr(self, "meta_by_method"):
+                for method, meta in self._registered.items():
+                    if method not in self._stored:
+                        self.meta_by_method[method] = meta
+        return self._registered
 
     def meta(self, method: str) -> MethodMeta:
         return self.meta_by_method.get(method, DEFAULT_META)
@@ -126,6 +142,7 @@ class Placement:
     def ablation_rows(self, root: str) -> list[str]:
         """The rows of ``root``'s ablation table: every method known here whose ``ablation_of``
         names it (so the table shows all variants, run or not), in row order."""
+        _ = self.registered
         return self.order(m for m, meta in self.meta_by_method.items() if meta.ablation_of == root)
 
 

@@ -15,9 +15,20 @@ drop-last rule), cosine per epoch after 1 warm-up epoch at constant 1e-5, 50 / 1
 epochs for 1 / 2-4 / 8-16 shots (``epochs`` option; fixed count, last epoch used). The
 adapter's initial weights are torch's default ``nn.Linear`` init under the fit seed.
 
-Differences forced by the harness: frozen cached features of the whole image instead of a
-fresh random-resized crop per iteration (``train_views: N`` trains on N cached augmented
-views instead); fp32.
+**Training augmentation** (``augment_views``, ``crop_scale``, ``crop_ratio``, ``flip``): the
+official trainer encodes every training batch in ``CustomCLIP.forward``
+(``clip_adapter.py:101``, called from ``forward_backward``, ``:155-157``) from Dassl's data
+loader, i.e. with CoOp's configs a fresh ``random_resized_crop`` (Dassl's default scale
+(0.08, 1), bicubic) + ``random_flip`` of every image each epoch
+(``configs/trainers/CoOp/vit_b16.yaml:10,13``; ``dassl/config/defaults.py:40``;
+``dassl/data/transforms/transforms.py:231-239``). Here: a pool of ``augment_views``
+(default 10) such views per image, each encoded once and cached, one per epoch (every view
+once per cycle of 10 epochs, seeded; the same views CoOp and CoCoOp use for that seed, so
+they are encoded once for the three); 50-200 epochs reuse each view 5-20 times instead of
+drawing new ones. ``augment_views: 0`` trains on the plain image; test images are never
+augmented.
+
+Other differences: fp32 (the official adapter is cast to CLIP's dtype).
 """
 
 from __future__ import annotations
@@ -92,10 +103,10 @@ class CLIPAdapter(FewShotClassifier):
     def fit(self, support: SupportSet) -> None:
         cfg = self.config
         labels = self.support_labels(support)
-        views = self.training_views(support, cfg["train_views"], normalise=False)
+        pool = self.training_pool(support, self.epochs, normalise=False)
         self._scale = self.logit_scale()
         with seeded(self.ctx.seed):  # the adapter's init, before train() seeds its batch generator
-            self.adapter = Adapter(views[0].shape[1], cfg["reduction"]).to(self.device)
+            self.adapter = Adapter(pool.views.shape[-1], cfg["reduction"]).to(self.device)
         optimiser = torch.optim.SGD(
             self.adapter.parameters(),
             lr=cfg["lr"],
@@ -104,7 +115,7 @@ class CLIPAdapter(FewShotClassifier):
         )
 
         def step(batch: torch.Tensor, epoch: int) -> torch.Tensor:
-            feats = views[epoch % len(views)]
+            feats = pool.epoch(epoch)
             batch = batch.to(feats.device)
             return F.cross_entropy(self.class_logits(feats[batch]), labels[batch])
 

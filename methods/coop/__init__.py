@@ -2,7 +2,8 @@
 
 Both learn only prompt-side parameters through the harness's shared prompt-learning access
 (:class:`bench.kit.PromptLearner` -> ``backbone.encode_embeddings``); the image
-and text encoders stay frozen and the image features are the cached frozen embeddings.
+and text encoders stay frozen and the image features are cached frozen embeddings (of
+augmented views while training, see below).
 ``logits = logit_scale * cos(f, t_c)`` with CLIP's own ``logit_scale.exp()`` (100 for the
 OpenAI weights), cross-entropy, as ``trainers/coop.py`` / ``trainers/cocoop.py``.
 
@@ -20,11 +21,22 @@ on the normalised image feature, its output added to every context token; batch 
 epochs, SGD lr 0.002 with the same Dassl warm-up + cosine schedule. Text features are
 recomputed for every image (training and test).
 
-Differences from the official code, forced by the harness: training uses the frozen cached
-embedding of each whole image (``train_views: 0``) instead of a fresh random-resized-crop +
-flip per iteration; ``train_views: N`` uses N cached augmented views instead (epoch ``e``
-uses view ``e mod N``; RandomResizedCrop scale 0.5-1, Tip-Adapter's). fp32 throughout
-(CoCoOp's config trains in fp16).
+**Training augmentation** (both; ``augment_views``, ``crop_scale``, ``crop_ratio``, ``flip``):
+the official trainers encode a fresh Dassl transform of every image at every step
+(``configs/trainers/CoOp/vit_b16.yaml:10,13`` and the CoCoOp config: ``random_resized_crop``
+with Dassl's default scale (0.08, 1) (``dassl/config/defaults.py:40``) and bicubic resize,
+then ``random_flip`` p=0.5; ``dassl/data/transforms/transforms.py:231-239``; the image
+encoder runs in ``CustomCLIP.forward`` on each batch). Here each support image has a pool
+of ``augment_views`` (default 10) views of that transform, each encoded once by the frozen
+tower and cached (:meth:`~bench.kit.FewShotClassifier.training_pool`; a later fit or
+method with the same seed reads them back), and each epoch uses one of them (every view
+once per cycle of 10 epochs, seeded). CoCoOp's 10 epochs thus see 10 distinct views, as
+official; CoOp's 50-200 epochs reuse each view 5-20 times instead of drawing new ones
+(``augment_views: 200`` removes that difference at 20 x the encoding cost).
+``augment_views: 0`` trains on the plain image. Test images are never augmented (official:
+resize + centre crop; here the harness's whole-image squash).
+
+Other differences: fp32 throughout (CoCoOp's config trains in fp16).
 """
 
 from __future__ import annotations
@@ -110,7 +122,7 @@ class CoOp(FewShotClassifier):
     def fit(self, support: SupportSet) -> None:
         cfg = self.config
         labels = self.support_labels(support)
-        views = self.training_views(support, cfg["train_views"])
+        pool = self.training_pool(support, self.epochs)
         self.learner = self.build_learner()
         self.learner.train()
         scale = self.logit_scale()
@@ -119,7 +131,7 @@ class CoOp(FewShotClassifier):
         )
 
         def step(batch: torch.Tensor, epoch: int) -> torch.Tensor:
-            feats = views[epoch % len(views)]
+            feats = pool.epoch(epoch)
             batch = batch.to(feats.device)
             return F.cross_entropy(self.class_logits(feats[batch], scale), labels[batch])
 

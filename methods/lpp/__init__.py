@@ -21,10 +21,19 @@ Reimplemented from FereshteShakeri/FewShot-CLIP-Strong-Baseline ``methods/linear
   that gradient is the SUM of the gradients of all epochs so far; we do the same
   (``reset_alpha_grad: true`` uses only the last 10 epochs' sum instead).
 
-Differences: a fixed epoch count (the official loop reports the test accuracy at the epoch
-with the best accuracy on a labelled validation split, which we do not have); fp32 (the
-official classifier runs in CLIP's fp16); frozen cached features of the whole image
-(official: one random-resized-crop view per image, which ``train_views: 1`` reproduces).
+**Training augmentation** (``augment_views``, ``crop_scale``, ``crop_ratio``, ``flip``): the
+official training loader applies ``train_tranform`` = RandomResizedCrop(224, scale (0.5, 1),
+bicubic) + RandomHorizontalFlip(0.5) (``main.py:69-74``, loader ``:96-101``), and
+``LinearProbe_P2.forward`` extracts the training features ONCE, one pass over that loader
+(``methods/linear_probe_p2.py:69-79``), then trains all 300 epochs on them: one augmented
+view per image, fixed for the whole fit. ``augment_views: 1`` (the default) is exactly
+that, with the view encoded once and cached (it is view 0 of the Tip-Adapter view cache
+for the same seed, so the two methods share it); ``0`` trains on the plain image. More
+than one view is not LP++'s procedure and is refused. Test images are never augmented.
+
+Other differences: a fixed epoch count (the official loop reports the test accuracy at the
+epoch with the best accuracy on a labelled validation split, which we do not have); fp32
+(the official classifier runs in CLIP's fp16).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.kit import FewShotClassifier, Option, Schedule, common_options, make_generator, one_hot, train
+from bench.kit.views import DEFAULT_CROP_SCALE, augmentation_options
 from bench.method import MethodContext, SupportSet
 from bench.types import ImageItem
 
@@ -99,8 +109,15 @@ class LPPlusPlus(FewShotClassifier):
         "reset_alpha_grad": Option(
             False, bool, "sum alpha's gradient over the last alpha_every epochs only (official: never reset)"
         ),
-        "train_views": Option(
-            0, int, "0 = cached features of the whole image; N = view 0 of N cached augmented views", min=0
+        **augmentation_options(
+            views=1,
+            views_help=(
+                "1 = one cached augmented view per image for every epoch (official: features "
+                "extracted once from the augmenting loader); 0 = the plain image"
+            ),
+            scale=DEFAULT_CROP_SCALE,
+            source="LP++ main.py:69-74",
+            max_views=1,
         ),
     }
 
@@ -113,8 +130,7 @@ class LPPlusPlus(FewShotClassifier):
     def fit(self, support: SupportSet) -> None:
         cfg = self.config
         labels = self.support_labels(support)
-        views = self.training_views(support, cfg["train_views"])
-        features = views[0]  # LP++ extracts the training features once
+        features = self.training_pool(support, self.epochs).epoch(0)  # LP++ extracts them once
         text = self.text_weights()
         n_classes, dim = text.shape
 

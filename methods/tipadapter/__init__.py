@@ -4,9 +4,12 @@ Cache model built from the support set:
 
 - keys ``K`` (n, D): for each support image, the L2-normalised MEAN of the (unnormalised)
   frozen ``encode_image`` features of ``augment_views`` augmented views (official
-  ``build_cache_model``: ``augment_epoch: 10`` passes of RandomResizedCrop(scale 0.5-1) +
-  horizontal flip); the views come from :func:`bench.kit.augmented_embeds` (own cache,
-  not counted as backbone encodings);
+  ``utils.py:46-60`` ``build_cache_model``: ``augment_epoch`` (``configs/dtd.yaml:30``: 10)
+  passes over ``train_loader_cache``, whose ``train_tranform`` is RandomResizedCrop(224,
+  scale (0.5, 1), bicubic) + RandomHorizontalFlip(0.5), ``main.py:173-180``; the features
+  are averaged unnormalised (``:59``), then normalised (``:60``)); the views come from
+  :func:`bench.kit.augmented_embeds` (own cache, not counted as backbone encodings;
+  ``augment_views: 0`` = keys from the plain image);
 - values ``L`` (n, 3): one-hot labels;
 - query ``f``: the normalised plain cached embedding of the image;
 - ``logits = 100 f W^T + alpha exp(-beta (1 - f K^T)) L`` with ``W`` the zero-shot text
@@ -30,8 +33,13 @@ re-normalisation, as official), trained with cross-entropy on the logits above a
 0.01), ``CosineAnnealingLR`` over ``epochs * batches`` stepped per batch, batch 256
 shuffled, 20 epochs (``configs/*.yaml``: ``lr: 0.001``, ``train_epoch: 20``; ImageNet / DTD
 / FGVC). A FIXED epoch count: the official code keeps the epoch with the best TEST accuracy,
-which we never do. Each training epoch sees one augmented view per image (epoch ``e`` uses
-view ``e mod augment_views``; official: a fresh random augmentation per epoch).
+which we never do. Training inputs: official ``train_loader_F`` (``main.py:181``) applies
+the same ``train_tranform`` afresh in every epoch and encodes it (``main.py:85-89``), so
+training views are new draws, independent of the key views. Here a pool of
+``train_augment_views`` (default 10) further cached views per image (view indices after the
+key views, so independent of them), one per epoch (each view once per cycle of 10 epochs,
+seeded): 20 epochs use each view twice instead of 20 fresh draws (``train_augment_views:
+20`` removes that difference). ``train_augment_views: 0`` trains on the plain image.
 
 Default ``init_alpha: 2``, ``init_beta: 1``, ``search_scale: [13, 13]``,
 ``search_step: [200, 20]`` are Tip-Adapter's ``configs/dtd.yaml`` (textures: the closest of the
@@ -41,14 +49,13 @@ published configs to ultrasound speckle; ImageNet's is ``[7, 3]``, ``init_alpha 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bench.kit import (
-    Augmentation,
     FewShotClassifier,
     Option,
     Schedule,
@@ -60,12 +67,15 @@ from bench.kit import (
     one_hot,
     train,
 )
+from bench.kit.views import (
+    DEFAULT_CROP_SCALE,
+    DEFAULT_POOL_VIEWS,
+    ViewPool,
+    augmentation_from_config,
+    augmentation_options,
+)
 from bench.method import MethodContext, SupportSet
 from bench.types import ImageItem
-
-
-def _ordered(value: list[Any]) -> str | None:
-    return None if value[0] <= value[1] else "must be [low, high] with low <= high"
 
 
 def search_grid(scale: float, steps: int) -> list[float]:
@@ -142,23 +152,16 @@ class TipAdapter(FewShotClassifier):
     description = "Tip-Adapter: training-free cache model over augmented support features (CLIP few-shot)"
     options: ClassVar[dict[str, Option]] = {
         **common_options(),
-        "augment_views": Option(
-            10, int, "augmented views averaged into each cache key (official augment_epoch: 10)", min=1
+        **augmentation_options(
+            views=10,
+            views_help=(
+                "augmented views averaged into each cache key (official augment_epoch: 10, "
+                "configs/dtd.yaml:30); 0 = keys from the plain image"
+            ),
+            scale=DEFAULT_CROP_SCALE,
+            source="Tip-Adapter main.py:173-176",
         ),
         "augment_seed": Option(None, int, "seed of the augmented views; null = the fit seed", nullable=True),
-        "crop_scale": Option(
-            [0.5, 1.0],
-            list,
-            "RandomResizedCrop area range [low, high] (official build_cache_model: scale=(0.5, 1))",
-            items=float,
-            length=2,
-            gt=0,
-            max=1,
-            check=_ordered,
-        ),
-        "flip_p": Option(
-            0.5, float, "horizontal flip probability of a view (official: RandomHorizontalFlip)", min=0, max=1
-        ),
         "clip_logit_scale": Option(
             100.0, float, "weight of the zero-shot logits f W^T (official: 100)", min=0
         ),
@@ -193,9 +196,7 @@ class TipAdapter(FewShotClassifier):
         super().__init__(ctx)
         cfg = self.config
         self.n_views = cfg["augment_views"]
-        self.augmentation = Augmentation(
-            scale=(cfg["crop_scale"][0], cfg["crop_scale"][1]), flip_p=cfg["flip_p"]
-        )
+        self.augmentation = augmentation_from_config(cfg)
         self.clip_scale = cfg["clip_logit_scale"]
         self.alpha, self.beta = cfg["init_alpha"], cfg["init_beta"]
         self.betas = search_grid(cfg["search_scale"][0], cfg["search_step"][0])
@@ -208,7 +209,10 @@ class TipAdapter(FewShotClassifier):
 
     # -- cache construction --------------------------------------------------------------
     def support_views(self, support: SupportSet) -> torch.Tensor:
-        """(V, n, D) unnormalised augmented-view embeddings of the support images."""
+        """(V, n, D) unnormalised augmented-view embeddings of the support images; with
+        ``augment_views: 0`` the plain embeddings as the one "view" (1, n, D)."""
+        if self.n_views == 0:
+            return self.embeds(support.items, normalise=False)[None]
         views = augmented_embeds(
             self.ctx.backbone, support.items, self.n_views, self.augment_seed, self.augmentation
         )
@@ -219,22 +223,27 @@ class TipAdapter(FewShotClassifier):
         """Official keys: normalise(mean over views of the unnormalised features)."""
         return F.normalize(views.mean(dim=0), dim=-1)
 
+    def fine_tuning_pool(self, support: SupportSet) -> ViewPool | None:
+        """Tip-Adapter trains nothing (Tip-Adapter-F: the inputs of its fine-tuning epochs)."""
+        return None
+
     def fit(self, support: SupportSet) -> None:
         labels = self.support_labels(support)
         views = self.support_views(support)
         queries = self.embeds(support.items)
+        pool = self.fine_tuning_pool(support)
         values = one_hot(labels, len(self.names))
         text = self.text_weights()
         keys = self.keys_from_views(views)
         if self.config["search"]:
-            self.alpha, self.beta = self.search(queries, views, labels, values, text)
-        self.keys, self.values = self.train_keys(keys, views, labels, values, text, final=True), values
+            self.alpha, self.beta = self.search(queries, views, pool, labels, values, text)
+        self.keys, self.values = self.train_keys(keys, pool, labels, values, text, final=True), values
         self._fitted = True
 
     def train_keys(
         self,
         keys: torch.Tensor,
-        views: torch.Tensor,
+        pool: ViewPool | None,
         labels: torch.Tensor,
         values: torch.Tensor,
         text: torch.Tensor,
@@ -249,6 +258,7 @@ class TipAdapter(FewShotClassifier):
         self,
         queries: torch.Tensor,
         views: torch.Tensor,
+        pool: ViewPool | None,
         labels: torch.Tensor,
         values: torch.Tensor,
         text: torch.Tensor,
@@ -294,31 +304,52 @@ class TipAdapterF(TipAdapter):
         "cv_folds": Option(
             4, int, "stratified folds of the alpha/beta search (fewer when a class has fewer images)", min=2
         ),
+        "train_augment_views": Option(
+            DEFAULT_POOL_VIEWS,
+            int,
+            "cached augmented views per image for the fine-tuning, apart from the key views, one per "
+            "epoch (official: a fresh view every epoch, main.py:181); 0 = the plain image",
+            min=0,
+        ),
     }
+
+    def fine_tuning_pool(self, support: SupportSet) -> ViewPool:
+        """``train_augment_views`` normalised views per image with the keys' augmentation and
+        seed, at view indices after the key views (new draws, as the official per-epoch
+        transform); the plain image when it is 0."""
+        cfg = self.config
+        if cfg["train_augment_views"] == 0:
+            return ViewPool.fixed(self.embeds(support.items), cfg["epochs"])
+        return self.view_pool(
+            support,
+            cfg["train_augment_views"],
+            cfg["epochs"],
+            self.augmentation,
+            seed=self.augment_seed,
+            first_view=self.n_views,
+        )
 
     def train_keys(
         self,
         keys: torch.Tensor,
-        views: torch.Tensor,
+        pool: ViewPool | None,
         labels: torch.Tensor,
         values: torch.Tensor,
         text: torch.Tensor,
         *,
         final: bool,
     ) -> torch.Tensor:
-        """Fine-tune the keys (as a bias-free Linear's weight) on augmented views; returns them detached.
-
-        Epoch ``e`` trains on view ``e mod V``; the progress bar is shown for the final fit only.
-        """
+        """Fine-tune the keys (as a bias-free Linear's weight) on the pool's normalised views;
+        returns them detached. The progress bar is shown for the final fit only."""
+        assert pool is not None
         cfg = self.config
         weight = torch.nn.Parameter(keys.detach().clone())
         optimiser = torch.optim.AdamW(
             [weight], lr=cfg["lr"], eps=cfg["eps"], weight_decay=cfg["weight_decay"]
         )
-        train_views = F.normalize(views, dim=-1)
 
         def step(batch: torch.Tensor, epoch: int) -> torch.Tensor:
-            feats = train_views[epoch % train_views.shape[0]]
+            feats = pool.epoch(epoch)
             batch = batch.to(feats.device)
             logits = cache_logits(
                 feats[batch], weight, values, text, cfg["init_alpha"], cfg["init_beta"], self.clip_scale
@@ -330,7 +361,7 @@ class TipAdapterF(TipAdapter):
         )
         train(
             optimiser,
-            train_views.shape[1],
+            pool.n_items,
             step,
             schedule,
             seed=self.ctx.seed,
@@ -343,10 +374,12 @@ class TipAdapterF(TipAdapter):
         self,
         queries: torch.Tensor,
         views: torch.Tensor,
+        pool: ViewPool | None,
         labels: torch.Tensor,
         values: torch.Tensor,
         text: torch.Tensor,
     ) -> tuple[float, float]:
+        assert pool is not None
         labels_np = labels.cpu().numpy()
         counts = np.bincount(labels_np, minlength=len(self.names))
         n_folds = min(self.config["cv_folds"], int(counts.min()))
@@ -361,7 +394,12 @@ class TipAdapterF(TipAdapter):
             tr = torch.as_tensor(kept, device=queries.device)
             ho = torch.as_tensor(held_out, device=queries.device)
             keys = self.train_keys(
-                self.keys_from_views(views[:, tr]), views[:, tr], labels[tr], values[tr], text, final=False
+                self.keys_from_views(views[:, tr]),
+                pool.subset(kept),
+                labels[tr],
+                values[tr],
+                text,
+                final=False,
             )
             q = queries[ho]
             grid.add(self.clip_scale * q @ text.T, q @ keys.T, values[tr], labels[ho])

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from bench.cli_support import console, err_console, friendly_errors, print_table
+from bench.cli_support import console, err_console, friendly_errors, print_table, progress_bar
 from bench.errors import BenchError
 from bench.figures.cli import figure_app
 
@@ -218,20 +218,10 @@ def _print_tables(
 
 def _intervals(evaluations: list[Any], ci: CiOptions) -> tuple[Any, list[str]]:
     """Bootstrap intervals of every table cell, with a progress bar on stderr."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from bench.intervals import table_intervals
     from bench.tables import IntervalSpec
 
-    with Progress(
-        "{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        "ETA",
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
+    with progress_bar() as progress:
 
         def track(items: Any, description: str, total: int) -> Any:
             return progress.track(items, total=total, description=f"bootstrap {description}")
@@ -466,19 +456,9 @@ def datasets_command(
         print_table(console, counts)
     problems = list(summary.problems)
     if deep:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
         from bench.data.checks import deep_check
 
-        with Progress(
-            "{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            "ETA",
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=True,
-        ) as progress:
+        with progress_bar() as progress:
             task = progress.add_task("decoding every image and mask", total=len(data.samples))
             problems += deep_check(data, progress=lambda: progress.advance(task))
     if problems:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console, RenderableType
@@ -14,6 +14,9 @@ from rich.table import Table
 
 from bench.errors import BenchError
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 __all__ = [
     "FOLD_FLOOR",
     "console",
@@ -22,6 +25,7 @@ __all__ = [
     "friendly_errors",
     "natural_width",
     "print_table",
+    "progress_bar",
 ]
 
 #: Standard output (tables, listings); errors, warnings and progress go to ``err_console``.
@@ -111,3 +115,18 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(code=2) from exc
 
     return wrapper  # type: ignore[return-value]
+
+
+def progress_bar() -> Progress:
+    """A transient progress bar with count and ETA on stderr, for a command's long step."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        "ETA",
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )

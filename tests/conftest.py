@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,18 @@ def build_synthetic_data(root: Path) -> SyntheticData:
         target_a=build_dataset(root / "tgta", TARGET_COUNTS),
         target_b=build_dataset(root / "tgtb", TARGET_COUNTS),
     )
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``):
+    on tiny tensors it is faster and immune to other processes' load."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

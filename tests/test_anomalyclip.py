@@ -10,7 +10,6 @@ the method never does) and compared with the method.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +36,8 @@ TINY = {"deep_depth": 2}
 FP16_ATOL = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is faster and immune to other processes' load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: Tiny tensors: one torch thread is faster and immune to other processes' load.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def new_backbone(cache_dir: Path) -> Backbone:

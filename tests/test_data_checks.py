@@ -256,3 +256,30 @@ def test_same_dataset_as_source_and_target_overlaps_entirely(tmp_path: Path) -> 
         check_no_overlap(dataset, dataset, limit=2)
     with pytest.raises(DatasetError, match=r"\(2\) = normal/normal \(2\), \.\.\. 4 more\)"):
         check_no_overlap(dataset, dataset, limit=2)
+
+
+def test_datasets_deep_and_by_through_the_cli(tmp_path: Path) -> None:
+    import csv
+
+    from conftest import bench, build_dataset, flat, truncate
+
+    data = build_dataset(tmp_path / "ds", {"normal": 2, "benign": 2, "malignant": 2})
+    with data.manifest.open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    with data.manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*rows[0], "device"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**row, "device": "GE" if i < 3 else "Siemens"} for i, row in enumerate(rows))
+    code, out, err = bench("datasets", data.manifest, "--by", "device")
+    assert code == 0, err
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in out.splitlines() if "│" in line]
+    assert ["GE", "2", "1", "0", "3"] in rows and ["Siemens", "0", "1", "2", "3"] in rows
+    assert ["device GE", "3 (2 normal / 1 benign / 0 malignant)"] in rows  # the summary's device rows
+    assert "no problems found" in out and "decoded" not in out  # headers only without --deep
+    damaged = data.image_path(data.ids["benign"][0])
+    truncate(damaged)
+    code, out, _ = bench("datasets", data.manifest, "--deep")
+    assert code == 0
+    assert damaged.name in flat(out) and "problems found" in out
+    code, _, err = bench("datasets", data.manifest, "--by", "scanner")
+    assert code == 2 and "device" in flat(err)  # names the columns there are

@@ -10,7 +10,7 @@ embedding 32 (so the adapters are Linear(64 -> 32) / Linear(32 -> 64)); its defa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,8 @@ FP16_ATOL = 2e-3
 NO_AUG: dict[str, Any] = {"rotations": [], "translations": [], "flips": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is faster and immune to other processes' load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: Tiny tensors: one torch thread is faster and immune to other processes' load.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def new_backbone(cache_dir: Path) -> Backbone:

@@ -10,7 +10,6 @@ down, determinism, that the model learns to localise, and the grid end to end.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,13 +45,8 @@ VARIANTS = ("ultraad", "ultraad-us-unaware", "ultraad-no-joint", "ultraad-no-pif
 LIVE = {"mininet_reduction": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is much faster (and immune to other processes' load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: Tiny tensors: one torch thread is faster and immune to other processes' load.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

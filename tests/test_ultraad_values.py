@@ -10,7 +10,6 @@ maps ``M`` / ``M'`` of one forward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,13 +24,8 @@ from methods.ultraad.model import ResidualProjection, UltraADNet
 DIM, TEXT_WIDTH = 32, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is much faster (and immune to other processes' load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: Tiny tensors: one torch thread is faster and immune to other processes' load.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -66,34 +60,14 @@ def build_net(
     **overrides: Any,
 ) -> UltraADNet:
     """An :class:`UltraADNet` with UltraAD's default options (``overrides`` replace some)."""
-    o = {**UltraAD.default_config, **overrides}
-    return UltraADNet(
+    return UltraADNet.from_options(
         backbone,
+        {**UltraAD.default_config, **overrides},
         layer_positions=list(range(len(backbone.layers))),
         class_text=class_text,
         memory_keys=memory_keys,
         memory_values=memory_values,
         seed=0,
-        state_phrases=(o["normal_prompt"], o["abnormal_prompt"]),
-        ctx_init=o["ctx_init"],
-        n_ctx=o["n_ctx"],
-        ctx_init_std=o["ctx_init_std"],
-        mininet_reduction=o["mininet_reduction"],
-        g_reduction=o["g_reduction"],
-        residual_ratio=o["residual_ratio"],
-        normalize_class_token=o["normalize_class_token"],
-        adapter_bias=o["adapter_bias"],
-        pif=o["pif"],
-        pif_heads=o["pif_heads"],
-        pif_tokens=o["pif_tokens"],
-        pif_normalize_tokens=o["pif_normalize_tokens"],
-        pif_zero_init=o["pif_zero_init"],
-        tau=o["tau"],
-        upsample=o["upsample"],
-        align_corners=o["align_corners"],
-        alpha=o["alpha"],
-        beta=o["beta"],
-        clip_logit_scale=o["clip_logit_scale"],
     )
 
 

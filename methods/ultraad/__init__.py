@@ -266,33 +266,14 @@ class UltraAD(Method):
             keys = F.normalize(embeds, dim=-1)
             values = one_hot(labels, len(class_names()))
         try:
-            model = UltraADNet(
+            model = UltraADNet.from_options(
                 self.ctx.backbone,
+                o,
                 layer_positions=self.layer_positions(),
                 class_text=self.class_text(),
                 memory_keys=keys,
                 memory_values=values,
                 seed=self.ctx.seed,
-                state_phrases=(o["normal_prompt"], o["abnormal_prompt"]),
-                ctx_init=o["ctx_init"],
-                n_ctx=o["n_ctx"],
-                ctx_init_std=o["ctx_init_std"],
-                mininet_reduction=o["mininet_reduction"],
-                g_reduction=o["g_reduction"],
-                residual_ratio=o["residual_ratio"],
-                normalize_class_token=o["normalize_class_token"],
-                adapter_bias=o["adapter_bias"],
-                pif=o["pif"],
-                pif_heads=o["pif_heads"],
-                pif_tokens=o["pif_tokens"],
-                pif_normalize_tokens=o["pif_normalize_tokens"],
-                pif_zero_init=o["pif_zero_init"],
-                tau=o["tau"],
-                upsample=o["upsample"],
-                align_corners=o["align_corners"],
-                alpha=o["alpha"],
-                beta=o["beta"],
-                clip_logit_scale=o["clip_logit_scale"],
             )
         except ValueError as exc:
             raise MethodError(f"method {self.name!r}: {exc}") from exc

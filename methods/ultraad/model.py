@@ -22,8 +22,9 @@ layer means ``M`` and ``M'``, and the class logits).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,53 @@ class Outputs:
 
 class UltraADNet(nn.Module):
     """Trainable parts of UltraAD plus the frozen ``W_text`` (see the module docstring)."""
+
+    #: The method options that are constructor arguments of the same name.
+    OPTION_ARGS: ClassVar[tuple[str, ...]] = (
+        "ctx_init",
+        "n_ctx",
+        "ctx_init_std",
+        "mininet_reduction",
+        "g_reduction",
+        "residual_ratio",
+        "normalize_class_token",
+        "adapter_bias",
+        "pif",
+        "pif_heads",
+        "pif_tokens",
+        "pif_normalize_tokens",
+        "pif_zero_init",
+        "tau",
+        "upsample",
+        "align_corners",
+        "alpha",
+        "beta",
+        "clip_logit_scale",
+    )
+
+    @classmethod
+    def from_options(
+        cls,
+        backbone: Backbone,
+        options: Mapping[str, Any],
+        *,
+        layer_positions: list[int],
+        class_text: torch.Tensor,
+        memory_keys: torch.Tensor | None,
+        memory_values: torch.Tensor | None,
+        seed: int,
+    ) -> UltraADNet:
+        """The network UltraAD's ``options`` (its method config) describe."""
+        return cls(
+            backbone,
+            layer_positions=layer_positions,
+            class_text=class_text,
+            memory_keys=memory_keys,
+            memory_values=memory_values,
+            seed=seed,
+            state_phrases=(options["normal_prompt"], options["abnormal_prompt"]),
+            **{name: options[name] for name in cls.OPTION_ARGS},
+        )
 
     def __init__(
         self,

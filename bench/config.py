@@ -112,19 +112,21 @@ def check_run_name(name: str) -> None:
     """A run name is one plain folder name inside ``--out``: it can never point elsewhere."""
     if (
         not name.strip()
-        or name in (".", "..")
+        or name.startswith(".")
         or any(sep in name for sep in ("/", "\\", "\0"))
         or Path(name).is_absolute()
     ):
         raise ConfigError(
-            f"--name must be a plain folder name inside --out (no '/', '\\', '..' or absolute path), "
-            f"got {name!r}; use --out to choose where results go"
+            f"--name must be a plain folder name inside --out (no '/', '\\', leading '.' or absolute "
+            f"path), got {name!r}; use --out to choose where results go"
         )
 
 
 def slug(text: str) -> str:
-    """A file-system-safe name: letters, digits, dot, dash and underscore only."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+    """A file-system-safe name: letters, digits, dot, dash and underscore only; never hidden
+    (no leading dot: the store skips hidden folders, which hold cells being written)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lstrip(".").strip("-")
+    return cleaned or "_"
 
 
 def shard_index(shard: str) -> tuple[int, int]:

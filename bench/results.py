@@ -359,8 +359,11 @@ def json_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def iter_cell_files(root: Path) -> Iterator[Path]:
-    """Every ``cell.json`` under ``root`` (recursively, sorted for determinism)."""
-    yield from sorted(root.rglob(CELL_FILE))
+    """Every ``cell.json`` under ``root`` (recursively, sorted for determinism), leaving out
+    hidden folders: a cell being written or replaced lives in one until it is complete."""
+    for path in sorted(root.rglob(CELL_FILE)):
+        if not any(part.startswith(".") for part in path.relative_to(root).parts[:-1]):
+            yield path
 
 
 def load_cells(root: Path) -> list[CellRecord]:

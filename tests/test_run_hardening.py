@@ -160,7 +160,7 @@ def test_disk_full_while_writing_a_cell_leaves_nothing_and_resumes(
     assert len(summary.cells_done) == 2
 
 
-@pytest.mark.parametrize("name", ["../../escape", "/abs/path", "..", "a/b", ""])
+@pytest.mark.parametrize("name", ["../../escape", "/abs/path", "..", "a/b", ".hidden", ""])
 def test_name_cannot_escape_out(make_config: ConfigFactory, name: str) -> None:
     with pytest.raises(ConfigError, match="--name must be a plain folder name inside --out"):
         make_config(name=name) if name else RunConfig(name=" ")
@@ -279,3 +279,11 @@ def test_claims_of_other_hosts_go_stale_only_without_heartbeat(tmp_path: Path) -
     assert time.time() - path.stat().st_mtime < 5  # our heartbeat keeps it fresh
     book.close()
     assert not path.exists()
+
+
+def test_slugs_are_never_hidden_or_empty() -> None:
+    from bench.config import slug
+
+    assert slug(".data") == "data"  # a hidden folder would be skipped by the store
+    assert slug("...") == "_"  # an empty name would write into the parent folder
+    assert slug("phantom:device-b?n=5") == "phantom-device-b-n-5"

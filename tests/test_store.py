@@ -236,3 +236,10 @@ def test_cell_files_get_the_umask_mode(tmp_path: Path) -> None:
     assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "shared").iterdir()} == {0o644}
     assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755
     assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "private").iterdir()} == {0o600}
+
+
+def test_cells_being_written_are_not_listed(tmp_path: Path) -> None:
+    write_cell(tmp_path / "m" / "t" / "shots4_seed1", output())
+    staging = tmp_path / "m" / "t" / ".shots4_seed2.writing-abc"
+    write_cell(staging, output(record=record(seed=2)))  # as if caught before its rename
+    assert [c.seed for c in load_cells(tmp_path)] == [1]

@@ -305,7 +305,7 @@ def compare_command(
             f"{100 * line.value_b:.1f}",
             f"{100 * line.difference:+.1f}",
             f"[{100 * line.low:+.1f}, {100 * line.high:+.1f}]",
-            f"{line.p_value:.3g}",
+            _p_text(line.p_value, line.test, resamples),
             line.test,
         ]
         for line in lines
@@ -373,6 +373,13 @@ def compare_command(
             )
         )
     print_table(console, table)
+
+
+def _p_text(p_value: float, test: str, resamples: int) -> str:
+    """A p-value as printed: a bootstrap p of 0 only means p < 2/resamples (its resolution)."""
+    if p_value == 0.0:
+        return f"<{2.0 / resamples:.2g}" if test != "DeLong" else "<1e-16"
+    return f"{p_value:.3g}"
 
 
 @app.command("methods")

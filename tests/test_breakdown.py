@@ -197,3 +197,11 @@ def test_images_csv_keeps_clashing_metadata_under_a_prefix(tmp_path: Path) -> No
     header, values = text.splitlines()
     assert header == "id,dataset,key,path,device,meta_path"
     assert values == "x,ds,k,/p.png,GE,orig"
+
+
+def test_a_bootstrap_p_of_zero_is_printed_as_its_resolution() -> None:
+    from bench.cli import _p_text
+
+    assert _p_text(0.0, "paired bootstrap", 1000) == "<0.002"
+    assert _p_text(0.0, "DeLong", 1000) == "<1e-16"
+    assert _p_text(0.0123456, "DeLong", 1000) == "0.0123"

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,10 +48,10 @@ from bench.config import RunConfig, shard_index, slug
 from bench.data import Dataset, eval_mask, image_item, resolve_dataset, sample_support, support_pool
 from bench.data.checks import check_no_overlap
 from bench.data.support import check_support_sizes
-from bench.errors import ConfigError, DatasetError, MethodError, ResultsError
+from bench.errors import ConfigError, DatasetError, ResultsError
 from bench.fingerprints import samples_fingerprint
 from bench.kit.clip import Backbone
-from bench.method import Method, MethodContext, Prediction, SupportSet
+from bench.method import Method, MethodContext, SupportSet
 from bench.metrics import PixelMetricAccumulator, image_metrics
 from bench.registry import get_method, resolve_method_names
 from bench.results import (
@@ -66,10 +66,9 @@ from bench.results import (
 )
 from bench.resume import CellExpectation, finished_cell
 from bench.types import CLASSES, ImageItem, Task, label_index
+from bench.validation import check_storable, validate_prediction
 from bench.weights import BackboneSpec, load_backbone, resolve_device
 
-#: Probabilities must sum to one within this tolerance.
-PROB_SUM_TOLERANCE = 1e-4
 #: Seconds between looks at units that other processes hold.
 CLAIM_POLL_SECONDS = 5.0
 
@@ -670,66 +669,6 @@ class _FittedMethod:
     method: Method
     support_ids: dict[str, list[str]] | None
     fit_seconds: float
-
-
-def validate_prediction(
-    prediction: Prediction, items: Sequence[ImageItem], tasks: frozenset[Task], size: int, cell: Cell
-) -> None:
-    """Reject malformed or non-finite method output with a message naming the cell and image."""
-    b = len(items)
-
-    def fail(problem: str) -> NoReturn:
-        raise MethodError(
-            f"cell {cell}: method {cell.unit.method!r} returned {problem}; nothing was written for this cell"
-        )
-
-    def first_bad(values: np.ndarray) -> str:
-        bad = np.flatnonzero(~np.isfinite(values.reshape(b, -1)).all(axis=1))
-        return items[int(bad[0])].id if bad.size else "?"
-
-    def numeric(name: str, values: object) -> np.ndarray:
-        try:
-            array = np.asarray(values)
-        except (TypeError, ValueError) as exc:  # ragged nested lists and the like
-            fail(f"{name} that are not an array ({exc})")
-        if array.dtype.kind not in "biuf":
-            fail(f"non-numeric {name} (dtype {array.dtype}); return real numbers")
-        return array
-
-    scores = numeric("scores", prediction.scores)
-    if scores.shape != (b,):
-        fail(f"scores of shape {scores.shape} for a batch of {b} images (expected ({b},))")
-    if not np.isfinite(scores).all():
-        fail(f"a NaN or infinite score (first bad image: {first_bad(scores)})")
-    if Task.CLASSIFY in tasks:
-        probs = prediction.probs
-        if probs is None or np.shape(probs) != (b, len(CLASSES)):
-            fail(f"probabilities of shape {None if probs is None else np.shape(probs)} (expected ({b}, 3))")
-        probs = numeric("probabilities", probs)
-        if not np.isfinite(probs).all():
-            fail(f"NaN or infinite probabilities (first bad image: {first_bad(probs)})")
-        if (probs < 0).any() or np.abs(probs.sum(axis=1) - 1).max() > PROB_SUM_TOLERANCE:
-            fail("probabilities that are negative or do not sum to 1")
-    if Task.LOCALIZE in tasks:
-        maps = prediction.maps
-        if maps is None or np.shape(maps) != (b, size, size):
-            fail(f"maps of shape {None if maps is None else np.shape(maps)} (expected ({b}, {size}, {size}))")
-        maps = numeric("maps", maps)
-        if not np.isfinite(maps).all():
-            fail(f"NaN or infinite map values (first bad image: {first_bad(maps)})")
-
-
-def check_storable(maps: np.ndarray, dtype: np.dtype, items: Sequence[ImageItem], cell: Cell) -> None:
-    """Refuse maps that ``dtype`` cannot hold (float16 turns finite values above 65504 into inf)."""
-    limit = float(np.finfo(dtype).max)
-    peaks = np.abs(np.asarray(maps, dtype=np.float64)).reshape(len(items), -1).max(axis=1)
-    if (peaks > limit).any():
-        first = items[int(np.flatnonzero(peaks > limit)[0])].id
-        raise ConfigError(
-            f"cell {cell}: method {cell.unit.method!r} returned map values up to {peaks.max():.6g} "
-            f"(first on image {first}), beyond what {dtype} stores ({limit:g}); run with "
-            "--maps-dtype float32 (nothing was written for this cell)"
-        )
 
 
 def run_grid(config: RunConfig, console: Console | None = None, show_progress: bool = True) -> RunSummary:

@@ -48,15 +48,25 @@ class MeanIntensity(Method):
         return Prediction(scores=np.array([abs(item.rgb().mean() - self.reference) for item in items]))
 
 
-class TextScores(Method):
-    name = "text-scores"
+class TextOutput(Method):
+    """Test method: one of its outputs (``broken``) holds strings instead of numbers."""
+
+    name = "text-output"
     description = "test only: returns strings"
-    tasks = frozenset({Task.DETECT})
+    tasks = frozenset({Task.DETECT, Task.CLASSIFY, Task.LOCALIZE})
     uses_support = False
     uses_backbone = False
+    broken: ClassVar[str] = "scores"
 
     def predict(self, items: Sequence[ImageItem]) -> Prediction:
-        return Prediction(scores=np.array(["high"] * len(items)))
+        b, size = len(items), self.ctx.eval_size
+        outputs: dict[str, object] = {
+            "scores": np.zeros(b),
+            "probs": np.full((b, 3), 1 / 3),
+            "maps": np.zeros((b, size, size)),
+        }
+        outputs[self.broken] = np.full(np.shape(outputs[self.broken]), "high")
+        return Prediction(**outputs)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- resume identity
@@ -197,12 +207,20 @@ def test_target_sharing_images_with_the_source_is_refused(
     assert not list(run_dir_of(config).rglob("cell.json")) if run_dir_of(config).exists() else True
 
 
-def test_non_numeric_scores_name_the_method(
-    make_config: ConfigFactory, method_registry: Callable[..., None]
+@pytest.mark.parametrize(
+    ("broken", "what"), [("scores", "scores"), ("probs", "probabilities"), ("maps", "maps")]
+)
+def test_non_numeric_output_names_the_method(
+    make_config: ConfigFactory,
+    method_registry: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    broken: str,
+    what: str,
 ) -> None:
-    method_registry(TextScores)
-    with pytest.raises(MethodError, match=r"'text-scores' returned non-numeric scores \(dtype <U4\)"):
-        run_grid(make_config(methods="text-scores"), show_progress=False)
+    method_registry(TextOutput)
+    monkeypatch.setattr(TextOutput, "broken", broken)
+    with pytest.raises(MethodError, match=rf"'text-output' returned non-numeric {what} \(dtype <U4\)"):
+        run_grid(make_config(methods="text-output"), show_progress=False)
 
 
 # --------------------------------------------------------------------------- concurrency

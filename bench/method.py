@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
+from bench.errors import MethodError
 from bench.types import CLASSES, ImageItem, Task
 
 if TYPE_CHECKING:
@@ -163,6 +165,16 @@ class Method(ABC):
         self.ctx = ctx
         #: The validated options: defaults overridden by the run's config section.
         self.config: dict[str, Any] = validate(self.options, ctx.config, self.name)
+
+    @contextmanager
+    def reported(self, *errors: type[Exception]) -> Iterator[None]:
+        """Re-raise ``errors`` (e.g. a toolkit's ``BackboneError`` or ``ValueError`` on bad
+        options) as a :class:`~bench.errors.MethodError` naming this method, which the CLI
+        prints as one clear line."""
+        try:
+            yield
+        except errors as exc:
+            raise MethodError(f"method {self.name!r}: {exc}") from exc
 
     def fit(self, support: SupportSet) -> None:  # noqa: B027 - training-free methods keep the default
         """Adapt to the support set. Training-free methods need not override this."""

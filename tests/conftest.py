@@ -382,6 +382,37 @@ requires_shared_datasets = pytest.mark.skipif(
 )
 
 
+def tiny_method(
+    cls: type[Method],
+    backbone: Any,
+    *,
+    seed: int = 0,
+    shots: int = 2,
+    eval_size: int = EVAL_SIZE,
+    **config: Any,
+) -> Any:
+    """An instance of method ``cls`` on ``backbone`` for unit tests (no run, no scratch folder)."""
+    from bench.method import MethodContext
+
+    ctx = MethodContext(
+        device=backbone.device,
+        seed=seed,
+        shots=shots,
+        scratch_dir=Path("/nonexistent-scratch"),
+        config=config,
+        eval_size=eval_size,
+        backbone_factory=lambda: backbone,
+    )
+    return cls(ctx)
+
+
+def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
+    """Pooled pixel AUROC of maps against masks (thresholded at 0.5)."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(masks.reshape(-1) > 0.5, maps.reshape(-1)))
+
+
 def lesion_support(shots: int, seed: int, tag: str, size: int, key_prefix: str) -> SupportSet:
     """``shots`` images per class (as tests/test_ultraad.py): normal speckle; benign a bright disc,
     malignant a dark disc, with the disc's mask at ``size``."""

@@ -19,13 +19,12 @@ import pytest
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, pixel_auroc, tiny_method
 from sklearn.cluster import KMeans
-from sklearn.metrics import roc_auc_score
 
 from bench.errors import MethodError
 from bench.kit.clip import Backbone
-from bench.method import MethodContext, SupportSet
+from bench.method import SupportSet
 from bench.types import ImageItem
 from bench.weights import BackboneSpec, load_backbone
 from methods.adaclip import AdaCLIP
@@ -80,16 +79,7 @@ def lesion_task(
 
 
 def make(backbone: Backbone, seed: int = 0, **config: Any) -> AdaCLIP:
-    ctx = MethodContext(
-        device=backbone.device,
-        seed=seed,
-        shots=2,
-        scratch_dir=Path("/nonexistent-scratch"),
-        config={**TINY, **config},
-        eval_size=EVAL,
-        backbone_factory=lambda: backbone,
-    )
-    return AdaCLIP(ctx)
+    return tiny_method(AdaCLIP, backbone, seed=seed, shots=2, eval_size=EVAL, **{**TINY, **config})
 
 
 def built(backbone: Backbone, seed: int = 0, **config: Any) -> AdaCLIP:
@@ -103,10 +93,6 @@ def built(backbone: Backbone, seed: int = 0, **config: Any) -> AdaCLIP:
 @pytest.fixture(scope="module")
 def support() -> SupportSet:
     return lesion_task(2, seed=0, tag="support")
-
-
-def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
-    return float(roc_auc_score(masks.reshape(-1) > 0.5, maps.reshape(-1)))
 
 
 def known_text(batch: int, dim: int) -> torch.Tensor:

@@ -18,13 +18,12 @@ import pytest
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL, lesion_support
-from sklearn.metrics import roc_auc_score
+from conftest import TINY_MODEL, lesion_support, pixel_auroc, tiny_method
 
 from bench.errors import MethodError
 from bench.kit import FeatureRequest
 from bench.kit.clip import Backbone
-from bench.method import MethodContext, SupportSet
+from bench.method import SupportSet
 from bench.types import ImageItem
 from bench.weights import BackboneSpec, load_backbone
 from methods.anomalyclip import AgnosticPrompts, AnomalyCLIP
@@ -55,25 +54,12 @@ def lesion_task(shots: int, seed: int, tag: str, size: int = EVAL) -> SupportSet
 
 
 def make(backbone: Backbone, seed: int = 0, **config: Any) -> AnomalyCLIP:
-    ctx = MethodContext(
-        device=backbone.device,
-        seed=seed,
-        shots=2,
-        scratch_dir=Path("/nonexistent-scratch"),
-        config={**TINY, **config},
-        eval_size=EVAL,
-        backbone_factory=lambda: backbone,
-    )
-    return AnomalyCLIP(ctx)
+    return tiny_method(AnomalyCLIP, backbone, seed=seed, shots=2, eval_size=EVAL, **{**TINY, **config})
 
 
 @pytest.fixture(scope="module")
 def support() -> SupportSet:
     return lesion_task(2, seed=0, tag="support")
-
-
-def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
-    return float(roc_auc_score(masks.reshape(-1) > 0.5, maps.reshape(-1)))
 
 
 def known_text(dim: int) -> torch.Tensor:

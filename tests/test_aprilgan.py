@@ -9,15 +9,13 @@ so a wrong scale, order of softmax and upsampling, memory or score fusion fails 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL, lesion_support
-from sklearn.metrics import roc_auc_score
+from conftest import TINY_MODEL, lesion_support, pixel_auroc, tiny_method
 
 import methods.aprilgan as aprilgan_module
 from bench.errors import MethodError
@@ -26,7 +24,7 @@ from bench.kit.clip import Backbone
 from bench.kit.ensembles import VAND_ABNORMAL_STATES as ABNORMAL_STATES
 from bench.kit.ensembles import VAND_NORMAL_STATES as NORMAL_STATES
 from bench.kit.ensembles import VAND_TEMPLATES as TEMPLATES
-from bench.method import MethodContext, SupportSet
+from bench.method import SupportSet
 from bench.weights import BackboneSpec, load_backbone
 from methods.aprilgan import AprilGAN
 
@@ -49,25 +47,12 @@ def lesion_task(shots: int, seed: int, tag: str, size: int = EVAL) -> SupportSet
 
 
 def make(backbone: Backbone, seed: int = 0, **config: Any) -> AprilGAN:
-    ctx = MethodContext(
-        device=backbone.device,
-        seed=seed,
-        shots=2,
-        scratch_dir=Path("/nonexistent-scratch"),
-        config=config,
-        eval_size=EVAL,
-        backbone_factory=lambda: backbone,
-    )
-    return AprilGAN(ctx)
+    return tiny_method(AprilGAN, backbone, seed=seed, shots=2, eval_size=EVAL, **config)
 
 
 @pytest.fixture(scope="module")
 def support() -> SupportSet:
     return lesion_task(2, seed=0, tag="support")
-
-
-def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
-    return float(roc_auc_score(masks.reshape(-1) > 0.5, maps.reshape(-1)))
 
 
 # --------------------------------------------------------------------------- toolkit: losses, memory

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ConfigFactory, SyntheticData, cell_dirs, run_dir_of
+from conftest import ConfigFactory, SyntheticData, cell_dirs, run_dir_of, tiny_method
 
 from bench.errors import MethodError
 from bench.kit import dice_loss, gaussian_smooth
-from bench.method import Method, MethodContext, SupportSet
+from bench.method import Method, SupportSet
 from bench.metrics import pixel_metrics
 from bench.registry import available_methods
 from bench.results import load_cells
@@ -82,16 +82,7 @@ def blob_task(shots: int, seed: int, size: int = EVAL, tag: str = "blob") -> Sup
 
 
 def make(cls: type[Method], backbone, seed: int = 0, **config: Any) -> Any:
-    ctx = MethodContext(
-        device=backbone.device,
-        seed=seed,
-        shots=2,
-        scratch_dir=Path("/nonexistent-scratch"),
-        config=config,
-        eval_size=EVAL,
-        backbone_factory=lambda: backbone,
-    )
-    return cls(ctx)
+    return tiny_method(cls, backbone, seed=seed, shots=2, eval_size=EVAL, **config)
 
 
 @pytest.fixture(scope="module")

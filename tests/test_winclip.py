@@ -14,7 +14,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SyntheticData, cell_dirs, run_dir_of
+from conftest import SyntheticData, cell_dirs, run_dir_of, tiny_method
 
 from bench.config import RunConfig
 from bench.errors import MethodError
@@ -22,7 +22,7 @@ from bench.feature_cache import FeatureCache
 from bench.kit import FeatureRequest, Features, nearest_distance, window_indices
 from bench.kit.clip import Backbone
 from bench.kit.variants import Windows, get_variant
-from bench.method import MethodContext, SupportSet
+from bench.method import SupportSet
 from bench.runner import run_grid
 from bench.types import ImageItem, Task
 from bench.weights import BackboneSpec, load_backbone
@@ -80,16 +80,7 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
 
 
 def make_method(backbone: Backbone, cls: type[WinCLIP] = WinCLIP, **config) -> WinCLIP:
-    ctx = MethodContext(
-        device=backbone.device,
-        seed=0,
-        shots=0,
-        scratch_dir=Path("/nonexistent-scratch"),
-        config=config,
-        eval_size=EVAL_SIZE,
-        backbone_factory=lambda: backbone,
-    )
-    return cls(ctx)
+    return tiny_method(cls, backbone, seed=0, shots=0, eval_size=EVAL_SIZE, **config)
 
 
 def preprocessed(backbone: Backbone, items: list[ImageItem]) -> torch.Tensor:

@@ -114,10 +114,8 @@ class FewShotClassifier(Method):
     def text_weights(self) -> torch.Tensor:
         """(3, D) frozen zero-shot classifier from ``class_names`` x ``templates`` (computed once)."""
         if self._text_weights is None:
-            try:
+            with self.reported(ValueError):
                 weights = text_classifier(self.ctx.backbone, class_prompts(self.names, self.templates))
-            except ValueError as exc:
-                raise MethodError(f"method {self.name!r}: {exc}") from exc
             self._text_weights = weights.to(self.device)
         return self._text_weights
 

@@ -165,12 +165,10 @@ class AdaCLIP(Method):
     def tower_pass(self) -> TrainablePass:
         """Blocks 0.. under autograd on the cached stream entering block 0 (the frozen prefix)."""
         if self._pass is None:
-            try:
+            with self.reported(BackboneError, ValueError):
                 self._pass = TrainablePass(
                     self.ctx.backbone, 0, layers=self._layers, input_size=self.config["input_size"]
                 )
-            except (BackboneError, ValueError) as exc:
-                raise MethodError(f"method {self.name!r}: {exc}") from exc
         return self._pass
 
     @property
@@ -184,10 +182,8 @@ class AdaCLIP(Method):
     def frozen(self, items: Sequence[ImageItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached (stream entering block 0 (B, 1 + N, W), unprompted ``encode_image`` (B, D))."""
         tower_pass = self.tower_pass
-        try:
+        with self.reported(BackboneError):
             embeds = self.ctx.backbone.features(items, self.request).embeds
-        except BackboneError as exc:
-            raise MethodError(f"method {self.name!r}: {exc}") from exc
         return tower_pass.prefix(items), embeds
 
     # -- text -------------------------------------------------------------------------------

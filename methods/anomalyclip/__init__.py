@@ -149,10 +149,8 @@ class AnomalyCLIP(Method):
     def features(self, items: Sequence[ImageItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached (normalised global feature (B, D), normalised projected DPAM patch tokens (B, L, N, D))."""
         backbone = self.ctx.backbone
-        try:
+        with self.reported(BackboneError):
             feats = backbone.features(items, self.request)
-        except BackboneError as exc:
-            raise MethodError(f"method {self.name!r}: {exc}") from exc
         image = backbone.proj(feats.cls_token) if self.config["image_feature"] == "cls-proj" else feats.embeds
         patches = backbone.project_tokens(feats.vv_tokens)
         return F.normalize(image, dim=-1), F.normalize(patches, dim=-1)
@@ -166,10 +164,8 @@ class AnomalyCLIP(Method):
         return self._tower().input_size
 
     def _tower(self) -> VisionTower:
-        try:
+        with self.reported(BackboneError):
             return self.ctx.backbone.tower_for(self.request)
-        except BackboneError as exc:
-            raise MethodError(f"method {self.name!r}: {exc}") from exc
 
     # -- maps and scores ------------------------------------------------------------------------
     def layer_probabilities(self, patches: torch.Tensor, text: torch.Tensor, size: int) -> torch.Tensor:

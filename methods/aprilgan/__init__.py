@@ -112,24 +112,20 @@ class AprilGAN(Method):
 
     def features(self, items: Sequence[ImageItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached (embeds (B, D), raw patch tokens (B, L, N, W)) at the method's blocks and size."""
-        try:
+        with self.reported(BackboneError):
             feats = self.ctx.backbone.features(items, self.request)
-        except BackboneError as exc:
-            raise MethodError(f"method {self.name!r}: {exc}") from exc
         return feats.embeds, feats.patch_tokens
 
     @property
     def grid(self) -> tuple[int, int]:
-        try:
+        with self.reported(BackboneError):
             return self.ctx.backbone.tower_for(self.request).grid
-        except BackboneError as exc:
-            raise MethodError(f"method {self.name!r}: {exc}") from exc
 
     def text(self) -> torch.Tensor:
         """(2, D) normalised [normal, abnormal] class embeddings."""
         if self._text is None:
             cfg = self.config
-            try:
+            with self.reported(ValueError):
                 self._text = state_classifier(
                     self.ctx.backbone,
                     cfg["normal_states"],
@@ -137,8 +133,6 @@ class AprilGAN(Method):
                     cfg["templates"],
                     cfg["object"],
                 )
-            except ValueError as exc:
-                raise MethodError(f"method {self.name!r}: {exc}") from exc
         return self._text
 
     # -- maps -------------------------------------------------------------------------------

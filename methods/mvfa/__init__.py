@@ -211,7 +211,7 @@ class MVFA(Method):
         """(2, D) normalised [normal, abnormal] class embeddings (the official prompt ensemble)."""
         if self._text is None:
             cfg = self.config
-            try:
+            with self.reported(ValueError):
                 self._text = state_classifier(
                     self.ctx.backbone,
                     cfg["normal_states"],
@@ -219,8 +219,6 @@ class MVFA(Method):
                     cfg["templates"],
                     cfg["object"],
                 )
-            except ValueError as exc:
-                raise MethodError(f"method {self.name!r}: {exc}") from exc
         return self._text
 
     # -- the adapted tower ------------------------------------------------------------------

@@ -265,7 +265,7 @@ class UltraAD(Method):
                 embeds, _ = self.features(support.items)
             keys = F.normalize(embeds, dim=-1)
             values = one_hot(labels, len(class_names()))
-        try:
+        with self.reported(ValueError):
             model = UltraADNet.from_options(
                 self.ctx.backbone,
                 o,
@@ -275,8 +275,6 @@ class UltraAD(Method):
                 memory_values=values,
                 seed=self.ctx.seed,
             )
-        except ValueError as exc:
-            raise MethodError(f"method {self.name!r}: {exc}") from exc
         if model.prompt.ctx_init and model.prompt.n_ctx != o["n_ctx"]:
             raise MethodError(
                 f"method {self.name!r}: option 'ctx_init' {o['ctx_init']!r} has {model.prompt.n_ctx} tokens "

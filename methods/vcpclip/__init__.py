@@ -157,10 +157,8 @@ class VCPCLIP(Method):
 
     def features(self, items: Sequence[ImageItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached (global embeddings (B, D), raw patch tokens (B, L, N, W)) at the method's blocks, size."""
-        try:
+        with self.reported(BackboneError):
             feats = self.ctx.backbone.features(items, self.request)
-        except BackboneError as exc:
-            raise MethodError(f"method {self.name!r}: {exc}") from exc
         return feats.embeds, feats.patch_tokens
 
     @property
@@ -172,10 +170,8 @@ class VCPCLIP(Method):
         return self._tower_value("input_size")
 
     def _tower_value(self, name: str) -> Any:
-        try:
+        with self.reported(BackboneError):
             return getattr(self.ctx.backbone.tower_for(self.request), name)
-        except BackboneError as exc:
-            raise MethodError(f"method {self.name!r}: {exc}") from exc
 
     # -- maps and scores ------------------------------------------------------------------------
     def probabilities(self, logits: torch.Tensor, size: int) -> torch.Tensor:

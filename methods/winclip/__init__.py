@@ -155,10 +155,8 @@ class WinCLIP(Method):
     def windows(self, items: Sequence[ImageItem]) -> Features:
         """Cached window embeddings of ``items`` (fields ``windows_<scale>``, maybe ``final_patches``)."""
         _ = self.coverages  # a scale that does not fit the grid fails here, naming the method
-        try:
+        with self.reported(BackboneError):
             return self.ctx.backbone.features(items, self.request)
-        except BackboneError as exc:
-            raise MethodError(f"method {self.name!r}: {exc}") from exc
 
     def window_embeds(self, windows: Features) -> list[torch.Tensor]:
         return [windows[f"windows_{s}"] for s in self.config["scales"]]
@@ -172,12 +170,10 @@ class WinCLIP(Method):
                 prompt_ensemble(states, cfg["templates"], cfg["object"])
                 for states in (cfg["normal_states"], cfg["anomalous_states"])
             ]
-            try:
+            with self.reported(ValueError):
                 self._text = text_classifier(
                     self.ctx.backbone, prompts, normalize_each=cfg["normalize_prompts"], normalize_rows=False
                 )
-            except ValueError as exc:
-                raise MethodError(f"method {self.name!r}: {exc}") from exc
         return self._text
 
     def _zero_shot(

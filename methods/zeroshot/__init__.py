@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.errors import MethodError
 from bench.kit import Option, text_classifier
 from bench.method import Method, MethodContext, Prediction, class_names
 from bench.types import ImageItem, Task
@@ -116,10 +115,8 @@ class ZeroShotCLIP(Method):
         prompts = [
             build_prompts(states, self.config["templates"], self.config["object"]) for states in state_lists
         ]
-        try:
+        with self.reported(ValueError):
             return text_classifier(self.ctx.backbone, prompts)
-        except ValueError as exc:
-            raise MethodError(f"method {self.name!r}: {exc}") from exc
 
     @property
     def anomaly_text(self) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 
 from bench.breakdown import Evaluation, whole_evaluations
 from bench.errors import ResultsError
-from bench.intervals import CI_METRICS, seed_values
+from bench.intervals import CI_METRICS, resampled_values
 from bench.resampled_metrics import resample_counts
 from bench.results import CellRecord
 from bench.stats import PairedResult, delong_test, paired_from_resamples, stratified_bootstrap_indices
@@ -163,16 +163,18 @@ def compare_methods(
             _same_images(ea, eb)
         labels = seed_pairs[0][0].stored.labels
         counts = resample_counts(stratified_bootstrap_indices(labels, n_resamples, seed), len(labels))
-        for metric in metrics:
-            if not all(metric in e.record.metrics for pair in seed_pairs for e in pair):
-                continue
-            if metric.startswith("pixel_") and not all(
-                e.stored.has_maps for pair in seed_pairs for e in pair
-            ):
-                continue
+        evaluated = list({id(e): e for pair in seed_pairs for e in pair}.values())
+        shared = [
+            m
+            for m in metrics
+            if all(m in e.record.metrics for e in evaluated)
+            and (not m.startswith("pixel_") or all(e.stored.has_maps for e in evaluated))
+        ]
+        resampled = {id(e): resampled_values(e, shared, counts) for e in evaluated}
+        for metric in shared:
             values: list[tuple[np.ndarray, np.ndarray]] = []
             for ea, eb in seed_pairs:
-                va, vb = seed_values(ea, metric, counts), seed_values(eb, metric, counts)
+                va, vb = resampled[id(ea)][metric], resampled[id(eb)][metric]
                 values.append((va, vb))
                 pair_seed = eb.record.seed if ea.record.uses_support is False else ea.record.seed
                 if metric == "image_auroc":

@@ -22,19 +22,16 @@ import numpy as np
 from bench.breakdown import Evaluation
 from bench.errors import ResultsError
 from bench.resampled_metrics import PixelHistograms, resample_counts, weighted_auroc, weighted_macro_auroc
-from bench.stats import Interval, stratified_bootstrap_indices
+from bench.stats import Interval, interval_from_resamples, stratified_bootstrap_indices
 from bench.tables.cells import GroupKey, group_key
 
-__all__ = ["CI_METRICS", "CellKey", "IntervalResult", "cell_key", "seed_values", "table_intervals"]
+__all__ = ["CI_METRICS", "CellKey", "IntervalResult", "cell_key", "resampled_values", "table_intervals"]
 
 #: The metrics the tables show, which get intervals.
 CI_METRICS = ("image_auroc", "class_auroc", "pixel_auroc", "pixel_ap")
 
 #: (backbone group, method, zero-shot, target, shots, metric): one table cell's interval.
 CellKey = tuple[GroupKey, str, bool, str, int, str]
-
-# The pixel histograms of the evaluation being resampled (pixel_auroc and pixel_ap share them).
-_histograms: dict[int, PixelHistograms] = {}
 
 #: Full-set binning error (metric units) above which a pixel interval gets a note.
 _BINNING_NOTE_THRESHOLD = 1e-3
@@ -58,34 +55,37 @@ def _rows(evaluation: Evaluation) -> np.ndarray:
     return np.arange(evaluation.stored.n) if evaluation.rows is None else np.asarray(evaluation.rows)
 
 
-def seed_values(
-    evaluation: Evaluation, metric: str, counts: np.ndarray, notes: list[str] | None = None
-) -> np.ndarray:
-    """The metric of one cell on each resample (rows of ``counts``, draw counts per image of
-    the evaluation); NaN where undefined. Pixel metrics append a note to ``notes`` when their
-    binning moves the full-set value by more than 0.1 point."""
+def resampled_values(
+    evaluation: Evaluation, metrics: Sequence[str], counts: np.ndarray, notes: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Each of ``metrics`` of one cell on each resample (rows of ``counts``: draw counts per
+    image of the evaluation); NaN where undefined. The pixel histograms are built once for all
+    pixel metrics, and a note goes to ``notes`` when binning moves a full-set value by more
+    than 0.1 point."""
     stored = evaluation.stored
     rows = _rows(evaluation)
     labels = stored.labels[rows]
-    if metric == "image_auroc":
-        return weighted_auroc(labels > 0, stored.scores[rows], counts)
-    if metric == "class_auroc":
-        assert stored.probs is not None
-        return weighted_macro_auroc(labels, stored.probs[rows], counts)
-    key = id(evaluation)
-    if key not in _histograms:
-        maps = stored.maps()
-        masks, valid = stored.masks()
-        _histograms.clear()  # one evaluation's histograms at a time: they can be large
-        _histograms[key] = PixelHistograms(_Rows(maps, rows), _Rows(masks, rows), valid[rows])
-    histograms = _histograms[key]
-    error = histograms.binning_error(dict(evaluation.record.metrics), [metric])[metric]
-    if notes is not None and abs(error) > _BINNING_NOTE_THRESHOLD:
-        notes.append(
-            f"{stored.describe()}: the binned {metric} differs from the exact value by {100 * error:+.2f} "
-            "points on the full set; its interval is shown as computed"
-        )
-    return histograms.metric(metric, counts)
+    histograms: PixelHistograms | None = None
+    out: dict[str, np.ndarray] = {}
+    for metric in metrics:
+        if metric == "image_auroc":
+            out[metric] = weighted_auroc(labels > 0, stored.scores[rows], counts)
+            continue
+        if metric == "class_auroc":
+            assert stored.probs is not None
+            out[metric] = weighted_macro_auroc(labels, stored.probs[rows], counts)
+            continue
+        if histograms is None:
+            masks, valid = stored.masks()
+            histograms = PixelHistograms(_Rows(stored.maps(), rows), _Rows(masks, rows), valid[rows])
+        error = histograms.binning_error(dict(evaluation.record.metrics), [metric])[metric]
+        if notes is not None and abs(error) > _BINNING_NOTE_THRESHOLD:
+            notes.append(
+                f"{stored.describe()}: the binned {metric} differs from the exact value by "
+                f"{100 * error:+.2f} points on the full set; its interval is shown as computed"
+            )
+        out[metric] = histograms.metric(metric, counts)
+    return out
 
 
 class _Rows:
@@ -142,24 +142,14 @@ def table_intervals(
             counts_by_labels[token] = resample_counts(indices, len(labels))
         counts = counts_by_labels[token]
         metrics = [m for m in CI_METRICS if all(m in e.record.metrics for e in group)]
+        if any(m.startswith("pixel_") for m in metrics) and not all(e.stored.has_maps for e in group):
+            notes.append("pixel-metric intervals need the maps: re-run with `bench run --save-maps`")
+            metrics = [m for m in metrics if not m.startswith("pixel_")]
+        per_seed = [resampled_values(e, metrics, counts, notes) for e in group]
         for metric in metrics:
-            if metric.startswith("pixel_") and not all(e.stored.has_maps for e in group):
-                notes.append("pixel-metric intervals need the maps: re-run with `bench run --save-maps`")
+            mean = np.mean([values[metric] for values in per_seed], axis=0)
+            if not np.isfinite(mean).any():
                 continue
-            per_seed = np.stack([seed_values(e, metric, counts, notes) for e in group])
-            mean = per_seed.mean(axis=0)
-            finite = mean[np.isfinite(mean)]
             estimate = float(np.mean([e.record.metrics[metric] for e in group]))
-            if finite.size == 0:
-                continue
-            tail = (1.0 - level) / 2.0
-            low, high = np.quantile(finite, [tail, 1.0 - tail])
-            intervals[cell_key(first, metric)] = Interval(
-                low=float(low),
-                high=float(high),
-                estimate=estimate,
-                n_resamples=n_resamples,
-                n_valid=int(finite.size),
-                level=level,
-            )
+            intervals[cell_key(first, metric)] = interval_from_resamples(estimate, mean, level)
     return IntervalResult(intervals, list(dict.fromkeys(notes)))

@@ -24,7 +24,7 @@ from bench.results import (
     PREDICTIONS_FILE,
     CellRecord,
 )
-from bench.types import CLASSES, Label
+from bench.types import CLASSES
 
 __all__ = ["StoredPredictions", "load_predictions"]
 
@@ -179,7 +179,3 @@ def _read_images(path: Path, ids: Sequence[str]) -> dict[str, list[str]] | None:
     columns = list(rows[0]) if rows else list(IMAGE_COLUMNS)
     return {column: [row[column] or "" for row in rows] for column in columns}
 
-
-def label_names(labels: np.ndarray) -> list[Label]:
-    """Class labels of class indices."""
-    return [CLASSES[int(i)] for i in labels]

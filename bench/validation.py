@@ -76,7 +76,7 @@ def validate_prediction(
 def check_storable(maps: np.ndarray, dtype: np.dtype, items: Sequence[ImageItem], cell: Cell) -> None:
     """Refuse maps that ``dtype`` cannot hold (float16 turns finite values above 65504 into inf)."""
     limit = float(np.finfo(dtype).max)
-    peaks = np.abs(np.asarray(maps, dtype=np.float64)).reshape(len(items), -1).max(axis=1)
+    peaks = np.abs(np.asarray(maps)).reshape(len(items), -1).max(axis=1).astype(np.float64)
     if (peaks > limit).any():
         first = items[int(np.flatnonzero(peaks > limit)[0])].id
         raise ConfigError(
